@@ -113,13 +113,8 @@ fn truncate(s: &str, max: usize) -> String {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Author {
-    Visitor {
-        id: String,
-    },
-    Agent {
-        id: String,
-        name: String,
-    },
+    Visitor { id: String },
+    Agent { id: String, name: String },
     System,
 }
 

@@ -32,7 +32,11 @@ fn same_json(a: &str, b: &str) -> bool {
 #[test]
 fn every_example_in_the_protocol_document_round_trips() {
     let examples = json_examples();
-    assert!(examples.len() >= 12, "found only {} examples", examples.len());
+    assert!(
+        examples.len() >= 12,
+        "found only {} examples",
+        examples.len()
+    );
     for ex in examples {
         let as_client = ClientFrame::decode(&ex)
             .ok()
@@ -40,8 +44,14 @@ fn every_example_in_the_protocol_document_round_trips() {
         let as_server = serde_json::from_str::<ServerFrame>(&ex)
             .ok()
             .map(|f| f.encode());
-        let ok = as_client.iter().chain(as_server.iter()).any(|enc| same_json(enc, &ex));
-        assert!(ok, "example does not round-trip through the wire types:\n{ex}");
+        let ok = as_client
+            .iter()
+            .chain(as_server.iter())
+            .any(|enc| same_json(enc, &ex));
+        assert!(
+            ok,
+            "example does not round-trip through the wire types:\n{ex}"
+        );
     }
 }
 
@@ -57,21 +67,29 @@ fn server_frames_encode_as_documented() {
     };
     insta::assert_snapshot!(ack.encode(), @r#"{"type":"ack","client_id":"c1","conversation_id":"k1","seq":3,"message_id":"m1","created_at":1,"duplicate":false}"#);
     let err = ServerFrame::Error(
-        ErrorFrame::new(ErrorCode::RateLimited, "slow down").client_id("c1").retry_after_ms(250),
+        ErrorFrame::new(ErrorCode::RateLimited, "slow down")
+            .client_id("c1")
+            .retry_after_ms(250),
     );
     insta::assert_snapshot!(err.encode(), @r#"{"type":"error","code":"rate_limited","message":"slow down","client_id":"c1","retry_after_ms":250}"#);
     let msg = ServerFrame::Message(MessageBody {
         conversation_id: "k1".into(),
         seq: 1,
         id: "m1".into(),
-        author: Author::Agent { id: "a1".into(), name: "Ada".into() },
+        author: Author::Agent {
+            id: "a1".into(),
+            name: "Ada".into(),
+        },
         text: "hi".into(),
         created_at: 5,
         client_id: None,
     });
     insta::assert_snapshot!(msg.encode(), @r#"{"type":"message","conversation_id":"k1","seq":1,"id":"m1","author":{"kind":"agent","id":"a1","name":"Ada"},"text":"hi","created_at":5,"client_id":null}"#);
     insta::assert_snapshot!(ServerFrame::Ready.encode(), @r#"{"type":"ready"}"#);
-    let rc = ServerFrame::Reconnect { reason: ReconnectReason::Draining, after_ms: 10 };
+    let rc = ServerFrame::Reconnect {
+        reason: ReconnectReason::Draining,
+        after_ms: 10,
+    };
     insta::assert_snapshot!(rc.encode(), @r#"{"type":"reconnect","reason":"draining","after_ms":10}"#);
 }
 
@@ -98,14 +116,23 @@ fn error_codes_serialise_to_their_stable_names() {
     ] {
         let json = serde_json::to_string(&code).expect("encode");
         assert_eq!(json, format!("\"{}\"", code.as_str()));
-        assert!(PROTOCOL_MD.contains(&format!("`{}`", code.as_str())), "{} undocumented", code.as_str());
+        assert!(
+            PROTOCOL_MD.contains(&format!("`{}`", code.as_str())),
+            "{} undocumented",
+            code.as_str()
+        );
     }
 }
 
 #[test]
 fn decode_tells_unknown_types_from_malformed_frames() {
-    assert_eq!(ClientFrame::decode(r#"{"type":"ping"}"#), Ok(ClientFrame::Ping));
-    assert!(matches!(ClientFrame::decode(r#"{"type":"teleport"}"#), Err(DecodeError::UnknownType(t)) if t == "teleport"));
+    assert_eq!(
+        ClientFrame::decode(r#"{"type":"ping"}"#),
+        Ok(ClientFrame::Ping)
+    );
+    assert!(
+        matches!(ClientFrame::decode(r#"{"type":"teleport"}"#), Err(DecodeError::UnknownType(t)) if t == "teleport")
+    );
     for bad in [
         "",
         "null",
@@ -117,7 +144,10 @@ fn decode_tells_unknown_types_from_malformed_frames() {
         r#"{"type":"send","client_id":"x","text":7}"#,
         r#"{"type":"hello","resume":[{"conversation_id":"k","seq":-1}]}"#,
     ] {
-        assert!(matches!(ClientFrame::decode(bad), Err(DecodeError::BadFrame(_))), "{bad:?}");
+        assert!(
+            matches!(ClientFrame::decode(bad), Err(DecodeError::BadFrame(_))),
+            "{bad:?}"
+        );
     }
 }
 
@@ -130,22 +160,44 @@ fn unknown_fields_are_ignored() {
 fn arb_client_frame() -> impl Strategy<Value = ClientFrame> {
     let s = "[a-z0-9-]{0,12}";
     prop_oneof![
-        (proptest::option::of(s), proptest::collection::vec((s, any::<u64>()), 0..4)).prop_map(
-            |(token, r)| ClientFrame::Hello {
+        (
+            proptest::option::of(s),
+            proptest::collection::vec((s, any::<u64>()), 0..4)
+        )
+            .prop_map(|(token, r)| ClientFrame::Hello {
                 token,
-                resume: r.into_iter().map(|(c, seq)| ResumePoint { conversation_id: c, seq }).collect(),
+                resume: r
+                    .into_iter()
+                    .map(|(c, seq)| ResumePoint {
+                        conversation_id: c,
+                        seq
+                    })
+                    .collect(),
+            }),
+        (s, proptest::option::of(s), any::<String>()).prop_map(
+            |(client_id, conversation_id, text)| {
+                ClientFrame::Send {
+                    client_id,
+                    conversation_id,
+                    text,
+                }
             }
         ),
-        (s, proptest::option::of(s), any::<String>()).prop_map(|(client_id, conversation_id, text)| {
-            ClientFrame::Send { client_id, conversation_id, text }
-        }),
-        (s, s, proptest::option::of(any::<u64>()), proptest::option::of(any::<u64>()), proptest::option::of(any::<u32>()))
-            .prop_map(|(req_id, conversation_id, before_seq, after_seq, limit)| ClientFrame::History {
-                req_id,
-                conversation_id,
-                before_seq,
-                after_seq,
-                limit
+        (
+            s,
+            s,
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u32>())
+        )
+            .prop_map(|(req_id, conversation_id, before_seq, after_seq, limit)| {
+                ClientFrame::History {
+                    req_id,
+                    conversation_id,
+                    before_seq,
+                    after_seq,
+                    limit,
+                }
             }),
         Just(ClientFrame::Ping),
         Just(ClientFrame::Pong),

@@ -4,13 +4,13 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::domain::{SiteId, VisitorId, now_ms, random_token};
+use crate::domain::{now_ms, random_token, SiteId, VisitorId};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -21,7 +21,7 @@ pub const VISITOR_TOKEN_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Hashes a password with argon2id and a random salt. CPU-heavy: call from `spawn_blocking`.
 pub fn hash_password(password: &str) -> Result<String, String> {
-    use argon2::password_hash::{PasswordHasher, SaltString, rand_core::OsRng};
+    use argon2::password_hash::{rand_core::OsRng, PasswordHasher, SaltString};
     let salt = SaltString::generate(&mut OsRng);
     argon2::Argon2::default()
         .hash_password(password.as_bytes(), &salt)
@@ -122,10 +122,15 @@ impl VisitorTokens {
     }
 
     pub fn issue(&self, site: SiteId, visitor: VisitorId) -> String {
-        self.issue_until(site, visitor, now_ms() + VISITOR_TOKEN_TTL.as_millis() as i64)
+        self.issue_until(
+            site,
+            visitor,
+            now_ms() + VISITOR_TOKEN_TTL.as_millis() as i64,
+        )
     }
 
-    fn issue_until(&self, site: SiteId, visitor: VisitorId, expires: i64) -> String {
+    /// A token that expires at `expires` (ms since epoch); `issue` gives the standard lifetime.
+    pub fn issue_until(&self, site: SiteId, visitor: VisitorId, expires: i64) -> String {
         let claims = VisitorClaims {
             s: site,
             v: visitor,
@@ -148,7 +153,8 @@ impl VisitorTokens {
         let sig = B64.decode(sig).map_err(|_| TokenError::Malformed)?;
         let mut mac = self.mac();
         mac.update(signed.as_bytes());
-        mac.verify_slice(&sig).map_err(|_| TokenError::BadSignature)?;
+        mac.verify_slice(&sig)
+            .map_err(|_| TokenError::BadSignature)?;
         let payload = B64
             .decode(&signed[TOKEN_PREFIX.len()..])
             .map_err(|_| TokenError::Malformed)?;
@@ -176,7 +182,10 @@ mod tests {
         let tok = t.issue(site, v);
         assert_eq!(t.verify(&tok, site), Ok(v));
         assert_eq!(t.verify(&tok, SiteId::new()), Err(TokenError::WrongSite));
-        assert_eq!(VisitorTokens::new(b"k2".to_vec()).verify(&tok, site), Err(TokenError::BadSignature));
+        assert_eq!(
+            VisitorTokens::new(b"k2".to_vec()).verify(&tok, site),
+            Err(TokenError::BadSignature)
+        );
         let expired = t.issue_until(site, v, now_ms() - 1);
         assert_eq!(t.verify(&expired, site), Err(TokenError::Expired));
         // Flipping any payload character breaks the signature.

@@ -44,7 +44,8 @@ pub struct Limits {
     /// Frames of any kind per second per connection before the connection is closed as a flood.
     pub frames_per_sec: u32,
     pub frame_burst: u32,
-    /// Outbound frames queued per connection before it is cut loose as a slow consumer.
+    /// Outbound frames queued per connection before it is cut loose as a slow consumer. At least
+    /// `commit_batch`: one commit may publish a whole batch to one agent at once.
     pub outbound_queue: usize,
     /// Sends of one connection waiting for their commit before it stops reading.
     pub in_flight_sends: usize,
@@ -77,7 +78,7 @@ impl Default for Limits {
             agent_send_burst: 60,
             frames_per_sec: 100,
             frame_burst: 200,
-            outbound_queue: 256,
+            outbound_queue: 1024,
             in_flight_sends: 64,
             commit_queue: 20_000,
             commit_batch: 512,
@@ -241,12 +242,27 @@ impl Config {
             }
         }
         let l = &self.limits;
-        if l.outbound_queue == 0 || l.commit_queue == 0 || l.commit_batch == 0 || l.in_flight_sends == 0 {
+        if l.outbound_queue == 0
+            || l.commit_queue == 0
+            || l.commit_batch == 0
+            || l.in_flight_sends == 0
+        {
             return Err(ConfigError::Invalid(
-                "limits.outbound_queue, commit_queue, commit_batch and in_flight_sends must be > 0".into(),
+                "limits.outbound_queue, commit_queue, commit_batch and in_flight_sends must be > 0"
+                    .into(),
             ));
         }
-        if l.visitor_sends_per_sec == 0 || l.agent_sends_per_sec == 0 || l.frames_per_sec == 0 || l.accepts_per_sec == 0 {
+        if l.outbound_queue < l.commit_batch {
+            return Err(ConfigError::Invalid(
+                "limits.outbound_queue must be at least limits.commit_batch (one commit's burst)"
+                    .into(),
+            ));
+        }
+        if l.visitor_sends_per_sec == 0
+            || l.agent_sends_per_sec == 0
+            || l.frames_per_sec == 0
+            || l.accepts_per_sec == 0
+        {
             return Err(ConfigError::Invalid("rate limits must be > 0".into()));
         }
         Ok(())
@@ -281,7 +297,7 @@ mod tests {
             data_dir = "/srv/hark"
             nats = ["nats://a:4222"]
             [limits]
-            outbound_queue = 64
+            outbound_queue = 2048
             "#,
         )
         .unwrap();
@@ -294,7 +310,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:7000");
         assert_eq!(c.data_dir, PathBuf::from("/srv/hark"));
         assert_eq!(c.nats, vec!["nats://x:1", "nats://y:2"]);
-        assert_eq!(c.limits.outbound_queue, 64);
+        assert_eq!(c.limits.outbound_queue, 2048);
         assert_eq!(c.limits.commit_batch, Limits::default().commit_batch);
     }
 

@@ -101,7 +101,9 @@ impl SiteKey {
     pub fn parse(raw: &str) -> Option<SiteKey> {
         let rest = raw.strip_prefix("hk_")?;
         let ok = (8..=64).contains(&rest.len())
-            && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         ok.then(|| SiteKey(raw.to_owned()))
     }
     pub fn as_str(&self) -> &str {
@@ -122,9 +124,9 @@ impl Origin {
             return None;
         }
         let ok = !rest.is_empty()
-            && rest
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+            && rest.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')
+            });
         ok.then_some(Origin(raw))
     }
     pub fn as_str(&self) -> &str {
@@ -358,17 +360,29 @@ mod tests {
 
     #[test]
     fn text_is_trimmed_and_bounded() {
-        assert_eq!(MessageText::parse("  hi \n").map(|t| t.into_string()), Ok("hi".into()));
+        assert_eq!(
+            MessageText::parse("  hi \n").map(|t| t.into_string()),
+            Ok("hi".into())
+        );
         assert_eq!(MessageText::parse(" \t\n"), Err(TextError::Empty));
         assert!(MessageText::parse(&"a".repeat(4096)).is_ok());
-        assert_eq!(MessageText::parse(&"a".repeat(4097)), Err(TextError::TooLong));
+        assert_eq!(
+            MessageText::parse(&"a".repeat(4097)),
+            Err(TextError::TooLong)
+        );
         // 4096 bytes of multi-byte characters is the limit, not 4096 characters.
-        assert_eq!(MessageText::parse(&"é".repeat(2049)), Err(TextError::TooLong));
+        assert_eq!(
+            MessageText::parse(&"é".repeat(2049)),
+            Err(TextError::TooLong)
+        );
     }
 
     #[test]
     fn origins_are_exact_and_normalised() {
-        assert_eq!(Origin::parse("HTTPS://Shop.Example.com").map(|o| o.0), Some("https://shop.example.com".into()));
+        assert_eq!(
+            Origin::parse("HTTPS://Shop.Example.com").map(|o| o.0),
+            Some("https://shop.example.com".into())
+        );
         assert!(Origin::parse("http://localhost:8000").is_some());
         assert!(Origin::parse("https://example.com/path").is_none());
         assert!(Origin::parse("ftp://example.com").is_none());
@@ -380,11 +394,22 @@ mod tests {
     fn site_keys_and_emails_parse() {
         let k = SiteKey::generate();
         assert_eq!(SiteKey::parse(k.as_str()), Some(k));
-        assert!(SiteKey::parse("hk_short").is_some());
+        assert!(SiteKey::parse("hk_12345678").is_some());
+        assert!(SiteKey::parse("hk_short").is_none());
         assert!(SiteKey::parse("hk_bad key!").is_none());
         assert!(SiteKey::parse("nokey").is_none());
-        assert_eq!(Email::parse(" Ada@Example.COM ").map(|e| e.0), Some("ada@example.com".into()));
-        for bad in ["ada", "@example.com", "ada@example", "ada@.com", "a b@example.com", "a@b@c.com"] {
+        assert_eq!(
+            Email::parse(" Ada@Example.COM ").map(|e| e.0),
+            Some("ada@example.com".into())
+        );
+        for bad in [
+            "ada",
+            "@example.com",
+            "ada@example",
+            "ada@.com",
+            "a b@example.com",
+            "a@b@c.com",
+        ] {
             assert!(Email::parse(bad).is_none(), "{bad}");
         }
     }

@@ -54,7 +54,10 @@ mod tests {
             assert!(b.take(t0).is_ok());
         }
         let wait = b.take(t0).unwrap_err();
-        assert!(wait <= Duration::from_millis(100) && wait >= Duration::from_millis(99), "{wait:?}");
+        assert!(
+            wait <= Duration::from_millis(100) && wait >= Duration::from_millis(99),
+            "{wait:?}"
+        );
         assert!(b.take(t0 + Duration::from_millis(100)).is_ok());
         assert!(b.take(t0 + Duration::from_millis(100)).is_err());
         // Idle time refills only up to the burst.

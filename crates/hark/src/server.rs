@@ -125,7 +125,9 @@ pub fn metrics_handle() -> PrometheusHandle {
             let sizes = [1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 512.0];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("hark_store_batch_size".into()), &sizes));
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full("hark_store_batch_size".into()), &sizes)
+                });
             let recorder = match builder {
                 Ok(b) => b.build_recorder(),
                 Err(_) => PrometheusBuilder::new().build_recorder(),
@@ -160,7 +162,7 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
             }
         }
     }
-    Ok((lim.rlim_cur as u64, lim.rlim_max as u64))
+    Ok((lim.rlim_cur, lim.rlim_max))
 }
 
 /// Opens the store the configuration names.
@@ -189,14 +191,18 @@ impl Server {
         }
         let store = open_store(&config).await?;
         let key = store
-            .secret("visitor_token_key", crate::domain::random_token(32).into_bytes())
+            .secret(
+                "visitor_token_key",
+                crate::domain::random_token(32).into_bytes(),
+            )
             .await?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let hub = Hub::new();
         let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(hub.clone()));
         let (committer, committer_task) = Committer::spawn(
@@ -244,7 +250,10 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
         let Server {
             listener,
             app,
@@ -270,13 +279,22 @@ impl Server {
         tracing::info!(connections = app.hub.connections(), "draining");
         app.tracker.close();
         let drain = app.config.limits.drain();
-        if tokio::time::timeout(drain, app.tracker.wait()).await.is_err() {
-            tracing::warn!(left = app.tracker.len(), "drain timed out; closing the rest");
+        if tokio::time::timeout(drain, app.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = app.tracker.len(),
+                "drain timed out; closing the rest"
+            );
         }
         let store = app.store.clone();
         drop(app);
         // The committer finishes what it holds once every handle is gone.
-        if tokio::time::timeout(Duration::from_secs(10), committer_task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), committer_task)
+            .await
+            .is_err()
+        {
             tracing::warn!("committer did not finish in time");
         }
         drop(store);

@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::domain::{ConversationId, Seq, SiteId, VisitorId};
+use hark_protocol::{ConversationEvent, ServerFrame};
+
+use crate::domain::{Conversation, ConversationId, Seq, SiteId, VisitorId};
 
 /// An encoded server frame, shared cheaply between every connection that sends it.
 pub type Frame = axum::extract::ws::Utf8Bytes;
@@ -30,6 +32,7 @@ pub struct MessageEvent {
 #[derive(Debug)]
 pub struct ConversationChange {
     pub audience: Audience,
+    pub kind: ConversationEvent,
     pub conversation_id: ConversationId,
     /// The conversation's last seq when the change happened.
     pub last_seq: Seq,
@@ -49,4 +52,23 @@ impl Event {
             Event::Conversation(c) => c.audience,
         }
     }
+}
+
+/// The event that tells a conversation's audience it opened, closed, reopened or changed hands.
+pub fn conversation_event(conv: &Conversation, kind: ConversationEvent) -> Event {
+    let frame = ServerFrame::Conversation {
+        event: kind,
+        conversation: conv.view(),
+    }
+    .encode();
+    Event::Conversation(Arc::new(ConversationChange {
+        audience: Audience {
+            site_id: conv.site_id,
+            visitor_id: conv.visitor_id,
+        },
+        kind,
+        conversation_id: conv.id,
+        last_seq: conv.last_seq,
+        frame: frame.into(),
+    }))
 }

@@ -238,6 +238,7 @@ mod tests {
                 site_id: site,
                 visitor_id: visitor,
             },
+            kind: hark_protocol::ConversationEvent::Opened,
             conversation_id: ConversationId::new(),
             last_seq: 0,
             frame: "{}".into(),
@@ -256,12 +257,40 @@ mod tests {
         let (tab2, mut rx_tab2) = sub(&hub, 8);
         let (other, mut rx_other) = sub(&hub, 8);
         let _r = [
-            hub.register(agent_a, Interest::Agent { sites: vec![site_a] }),
-            hub.register(agent_b, Interest::Agent { sites: vec![site_b] }),
+            hub.register(
+                agent_a,
+                Interest::Agent {
+                    sites: vec![site_a],
+                },
+            ),
+            hub.register(
+                agent_b,
+                Interest::Agent {
+                    sites: vec![site_b],
+                },
+            ),
             hub.register(admin, Interest::Everywhere),
-            hub.register(tab1, Interest::Visitor { site: site_a, visitor: v1 }),
-            hub.register(tab2, Interest::Visitor { site: site_a, visitor: v1 }),
-            hub.register(other, Interest::Visitor { site: site_a, visitor: v2 }),
+            hub.register(
+                tab1,
+                Interest::Visitor {
+                    site: site_a,
+                    visitor: v1,
+                },
+            ),
+            hub.register(
+                tab2,
+                Interest::Visitor {
+                    site: site_a,
+                    visitor: v1,
+                },
+            ),
+            hub.register(
+                other,
+                Interest::Visitor {
+                    site: site_a,
+                    visitor: v2,
+                },
+            ),
         ];
         assert_eq!(hub.connections(), 6);
         hub.dispatch(&event(site_a, v1));
@@ -269,8 +298,14 @@ mod tests {
         assert!(rx_admin.try_recv().is_ok());
         assert!(rx_tab1.try_recv().is_ok());
         assert!(rx_tab2.try_recv().is_ok());
-        assert!(rx_agent_b.try_recv().is_err(), "site B's agent must not see site A");
-        assert!(rx_other.try_recv().is_err(), "another visitor must not see it");
+        assert!(
+            rx_agent_b.try_recv().is_err(),
+            "site B's agent must not see site A"
+        );
+        assert!(
+            rx_other.try_recv().is_err(),
+            "another visitor must not see it"
+        );
     }
 
     #[test]
@@ -287,6 +322,9 @@ mod tests {
         assert!(kick.is_cancelled());
         drop(reg);
         assert_eq!(hub.connections(), 0);
-        assert!(lock(hub.shard(&site)).get(&site).is_none(), "no entry outlives its connection");
+        assert!(
+            lock(hub.shard(&site)).get(&site).is_none(),
+            "no entry outlives its connection"
+        );
     }
 }

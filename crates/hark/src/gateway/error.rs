@@ -1,9 +1,9 @@
 //! The one error shape of the HTTP edge: `{"error":{"code":"…","message":"…"}}` with a stable
 //! code and a fitting status. Internal details are logged here and never sent.
 
-use axum::Json;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::Json;
 use serde::Serialize;
 
 use crate::store::StoreError;
@@ -25,7 +25,7 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable, machine-readable: `bad_request`, `unauthenticated`, `forbidden`, `csrf_failed`,
     /// `not_found`, `site_not_found`, `origin_not_allowed`, `conflict`, `invalid_credentials`,
-    /// `conversation_closed`, `text_empty`, `text_too_long`, `invalid_client_id`, `rate_limited`,
+    /// `conversation_closed`, `payload_too_large`, `text_empty`, `text_too_long`, `invalid_client_id`, `rate_limited`,
     /// `overloaded`, `draining`, `unavailable`, `internal`.
     pub code: String,
     /// For people; may change.
@@ -45,7 +45,11 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
     pub fn not_found(what: &str) -> ApiError {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
     pub fn unauthenticated() -> ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", "log in first")
@@ -57,24 +61,40 @@ impl ApiError {
         ApiError::new(StatusCode::CONFLICT, "conflict", message)
     }
     pub fn internal() -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
     }
     pub fn unavailable(retry_after_secs: u64) -> ApiError {
         ApiError {
             retry_after_secs: Some(retry_after_secs),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "storage is unavailable; retry later")
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage is unavailable; retry later",
+            )
         }
     }
     pub fn overloaded(retry_after_secs: u64) -> ApiError {
         ApiError {
             retry_after_secs: Some(retry_after_secs),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "the server is busy; retry later")
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the server is busy; retry later",
+            )
         }
     }
     pub fn draining(retry_after_secs: u64) -> ApiError {
         ApiError {
             retry_after_secs: Some(retry_after_secs),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this node is shutting down; reconnect")
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "this node is shutting down; reconnect",
+            )
         }
     }
 }

@@ -4,12 +4,13 @@
 
 pub mod api;
 pub mod error;
+pub mod openapi;
 pub mod ops;
 pub mod session;
 pub mod ws;
 
-use axum::Router;
 use axum::routing::get;
+use axum::Router;
 use tower_http::trace::TraceLayer;
 
 use crate::server::App;

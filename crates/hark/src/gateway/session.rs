@@ -4,11 +4,11 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Method, header};
+use axum::http::{header, HeaderMap, Method};
 
 use super::error::ApiError;
 use crate::auth::{same_secret, token_hash};
-use crate::domain::{Agent, AgentRole, now_ms};
+use crate::domain::{now_ms, Agent, AgentRole};
 use crate::server::App;
 
 pub const SESSION_COOKIE: &str = "hark_session";
@@ -54,10 +54,17 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Resolves the request's credentials to an agent. `check_csrf` applies the CSRF rule to
 /// cookie-authenticated requests.
-pub async fn authenticate(app: &App, headers: &HeaderMap, check_csrf: bool) -> Result<AuthedAgent, ApiError> {
+pub async fn authenticate(
+    app: &App,
+    headers: &HeaderMap,
+    check_csrf: bool,
+) -> Result<AuthedAgent, ApiError> {
     let (token, via_cookie) = match bearer(headers) {
         Some(t) => (t, false),
-        None => (cookie(headers, SESSION_COOKIE).ok_or_else(ApiError::unauthenticated)?, true),
+        None => (
+            cookie(headers, SESSION_COOKIE).ok_or_else(ApiError::unauthenticated)?,
+            true,
+        ),
     };
     if token.is_empty() || token.len() > 256 {
         return Err(ApiError::unauthenticated());
@@ -112,7 +119,10 @@ mod tests {
     #[test]
     fn cookies_and_bearer_tokens_are_found() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, "a=1; hark_session=tok; b=2".parse().unwrap());
+        h.insert(
+            header::COOKIE,
+            "a=1; hark_session=tok; b=2".parse().unwrap(),
+        );
         assert_eq!(cookie(&h, SESSION_COOKIE), Some("tok"));
         assert_eq!(cookie(&h, "missing"), None);
         h.insert(header::AUTHORIZATION, "Bearer abc".parse().unwrap());

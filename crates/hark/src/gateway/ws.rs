@@ -1,5 +1,1091 @@
-//! WebSocket endpoints (placeholder while it is written).
-use axum::extract::State;
+//! The realtime endpoints, `/ws/visitor` and `/ws/agent` (`docs/protocol.md`).
+//!
+//! Each connection is one task that owns its socket and selects over: frames from the client,
+//! events from the hub (its bounded outbound queue), outcomes of its sends from the committer,
+//! the heartbeat, a kick (it fell behind) and the node's shutdown. One task per connection keeps
+//! an idle connection small and makes the order of everything written to one socket obvious.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{SinkExt, StreamExt};
+use hark_protocol::{
+    close, ClientFrame, ConversationEvent, ErrorCode, ErrorFrame, Limits as WireLimits,
+    ReconnectReason, ResumePoint, Role, ServerFrame, SessionInfo, DEFAULT_HISTORY_LIMIT,
+    MAX_FRAME_BYTES, MAX_HISTORY_LIMIT,
+};
+use rand::Rng;
+use serde::Deserialize;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+
+use super::error::ApiError;
+use super::session::authenticate;
+use crate::delivery::committer::{Outcome, Overloaded};
+use crate::delivery::event::{conversation_event, Event};
+use crate::delivery::hub::{ConnId, Interest, Subscriber};
+use crate::delivery::sequencer::{Delivered, Verdict};
+use crate::domain::*;
+use crate::rate::TokenBucket;
 use crate::server::App;
-pub async fn visitor_upgrade(State(_app): State<App>) -> &'static str { "" }
-pub async fn agent_upgrade(State(_app): State<App>) -> &'static str { "" }
+use crate::store::{Appended, ConversationFilter, NewMessage, SeqRange, StoreError};
+
+/// How long one write to a client may block before the client counts as a slow consumer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the close frame may take to go out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many queued events one wake-up writes before flushing the socket.
+const WRITE_BATCH: usize = 64;
+/// Malformed frames in a row before the connection is closed.
+const MAX_VIOLATIONS: u32 = 10;
+/// Resume entries accepted in one `hello`.
+const MAX_RESUME: usize = 1000;
+/// Open conversations listed in an agent's `welcome`.
+const AGENT_SNAPSHOT: u32 = 500;
+/// Conversations remembered as authorised per connection before the cache is reset.
+const MAX_ALLOWED_CACHE: usize = 10_000;
+/// Messages read from the store per page while resuming or filling a gap.
+const BACKFILL_PAGE: u32 = 200;
+
+static PING: &str = r#"{"type":"ping"}"#;
+static PONG: &str = r#"{"type":"pong"}"#;
+static READY: &str = r#"{"type":"ready"}"#;
+
+#[derive(Deserialize)]
+pub struct VisitorQuery {
+    site_key: Option<String>,
+}
+
+fn configure(ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    // tungstenite's default 128 KiB read buffer per connection would cost more than everything
+    // else an idle connection holds; frames are small, so a few KiB suffice.
+    ws.read_buffer_size(4 * 1024)
+        .write_buffer_size(4 * 1024)
+        .max_write_buffer_size(1024 * 1024)
+        .max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+}
+
+type Upgrade = Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
+
+fn upgrade_or_400(ws: Upgrade) -> Result<WebSocketUpgrade, ApiError> {
+    ws.map_err(|_| ApiError::bad_request("expected a WebSocket upgrade request"))
+}
+
+pub async fn visitor_upgrade(
+    State(app): State<App>,
+    Query(q): Query<VisitorQuery>,
+    headers: HeaderMap,
+    ws: Upgrade,
+) -> Result<Response, ApiError> {
+    if app.is_draining() {
+        return Err(ApiError::draining(1));
+    }
+    let ws = upgrade_or_400(ws)?;
+    let raw = q
+        .site_key
+        .ok_or_else(|| ApiError::bad_request("site_key is required"))?;
+    let site = match SiteKey::parse(&raw) {
+        Some(key) => app.store.site_by_key(&key).await?,
+        None => None,
+    }
+    .ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "site_not_found",
+            "no site has this key",
+        )
+    })?;
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Origin::parse);
+    if !origin.is_some_and(|o| site.allowed_origins.contains(&o)) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this page's origin is not one of the site's allowed origins",
+        ));
+    }
+    let permit = app.admission.admit()?;
+    let who = Who::Visitor { site: site.id };
+    Ok(configure(ws).on_upgrade(move |socket| {
+        let tracker = app.tracker.clone();
+        tracker.track_future(connection(app, socket, who, permit))
+    }))
+}
+
+pub async fn agent_upgrade(
+    State(app): State<App>,
+    headers: HeaderMap,
+    ws: Upgrade,
+) -> Result<Response, ApiError> {
+    if app.is_draining() {
+        return Err(ApiError::draining(1));
+    }
+    let ws = upgrade_or_400(ws)?;
+    // Cross-site WebSocket hijacking: a page elsewhere could open this socket with the agent's
+    // cookie. Browsers always send Origin; it must name this very host.
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_ascii_lowercase);
+        let origin_host = origin
+            .to_str()
+            .ok()
+            .and_then(Origin::parse)
+            .and_then(|o| o.as_str().split_once("://").map(|(_, h)| h.to_owned()));
+        if origin_host.is_none() || origin_host != host {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "the agent console must be opened from this server",
+            ));
+        }
+    }
+    let authed = authenticate(&app, &headers, false).await?;
+    let permit = app.admission.admit()?;
+    let who = Who::Agent(authed.agent);
+    Ok(configure(ws).on_upgrade(move |socket| {
+        let tracker = app.tracker.clone();
+        tracker.track_future(connection(app, socket, who, permit))
+    }))
+}
+
+/// Who is on the other end, as known at the upgrade.
+enum Who {
+    Visitor { site: SiteId },
+    Agent(Agent),
+}
+
+/// Who is on the other end, after `hello`.
+enum Peer {
+    Visitor {
+        site: SiteId,
+        visitor: VisitorId,
+        /// The visitor's open conversation as last seen, for sends that name none.
+        open: Option<ConversationId>,
+    },
+    Agent(Agent),
+}
+
+/// Why a connection ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client went away (close frame, reset, EOF).
+    Gone,
+    /// We close with this code and reason.
+    Close(u16, &'static str),
+    /// The node drains: finish the sends in flight, ask the client to come back, close.
+    Drain,
+    /// We cannot serve now (store down): ask the client to come back later.
+    Unavailable,
+}
+
+impl End {
+    fn label(self) -> &'static str {
+        match self {
+            End::Gone => "client",
+            End::Close(_, reason) => reason,
+            End::Drain => "draining",
+            End::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl From<StoreError> for End {
+    fn from(e: StoreError) -> End {
+        tracing::warn!(error = %e, "store failed during a realtime request");
+        End::Unavailable
+    }
+}
+
+/// A send waiting for its commit.
+struct Pending {
+    client_id: String,
+    msg: NewMessage,
+    /// The visitor named no conversation: a closed one may be replaced by a new one, once.
+    implicit: bool,
+    outcome: Outcome,
+}
+
+type PendingFuture = Pin<Box<dyn std::future::Future<Output = Pending> + Send>>;
+
+struct Conn {
+    app: App,
+    id: ConnId,
+    ws: WebSocket,
+    kick: CancellationToken,
+    delivered: Delivered,
+    /// Conversations this connection may touch, already checked against the store.
+    allowed: HashSet<ConversationId>,
+    pending: FuturesUnordered<PendingFuture>,
+    sends: TokenBucket,
+    frames: TokenBucket,
+    last_heard: Instant,
+    violations: u32,
+}
+
+async fn connection(app: App, socket: WebSocket, who: Who, _permit: OwnedSemaphorePermit) {
+    let role = match &who {
+        Who::Visitor { .. } => "visitor",
+        Who::Agent(_) => "agent",
+    };
+    metrics::counter!("hark_connections_opened_total", "role" => role).increment(1);
+    let now = Instant::now();
+    let l = &app.config.limits;
+    let (send_rate, send_burst) = match &who {
+        Who::Visitor { .. } => (l.visitor_sends_per_sec, l.visitor_send_burst),
+        Who::Agent(_) => (l.agent_sends_per_sec, l.agent_send_burst),
+    };
+    let mut conn = Conn {
+        id: app.hub.next_conn_id(),
+        sends: TokenBucket::new(send_rate, send_burst, now),
+        frames: TokenBucket::new(l.frames_per_sec, l.frame_burst, now),
+        app: app.clone(),
+        ws: socket,
+        kick: CancellationToken::new(),
+        delivered: Delivered::default(),
+        allowed: HashSet::new(),
+        pending: FuturesUnordered::new(),
+        last_heard: now,
+        violations: 0,
+    };
+    let end = conn.serve(who).await;
+    metrics::counter!("hark_connections_closed_total", "reason" => end.label()).increment(1);
+    conn.finish(end).await;
+}
+
+impl Conn {
+    async fn serve(&mut self, who: Who) -> End {
+        let (token, resume) = match self.await_hello().await {
+            Ok(h) => h,
+            Err(end) => return end,
+        };
+        let (tx, mut rx) = mpsc::channel(self.app.config.limits.outbound_queue);
+        let sub = Subscriber {
+            conn: self.id,
+            tx,
+            kick: self.kick.clone(),
+        };
+        // Subscribe before reading the snapshot and the history, so nothing committed in
+        // between can be missed; the sequencer drops what the snapshot already covered.
+        let (peer, _registration) = match self.welcome(who, token, sub).await {
+            Ok(x) => x,
+            Err(end) => return end,
+        };
+        let mut peer = peer;
+        if let Err(end) = self.resume(&peer, resume).await {
+            return end;
+        }
+        if let Err(end) = self
+            .write(Message::Text(Utf8Bytes::from_static(READY)))
+            .await
+        {
+            return end;
+        }
+        match self.live(&mut peer, &mut rx).await {
+            Ok(()) => End::Gone,
+            Err(end) => end,
+        }
+    }
+
+    async fn await_hello(&mut self) -> Result<(Option<String>, Vec<ResumePoint>), End> {
+        let deadline = tokio::time::Instant::now() + self.app.config.limits.hello_timeout();
+        let shutdown = self.app.shutdown.clone();
+        loop {
+            let msg = tokio::select! {
+                m = tokio::time::timeout_at(deadline, self.ws.recv()) => m,
+                _ = shutdown.cancelled() => return Err(End::Drain),
+            };
+            let msg = match msg {
+                Err(_) => return Err(End::Close(close::HELLO_TIMEOUT.0, close::HELLO_TIMEOUT.1)),
+                Ok(None) => return Err(End::Gone),
+                Ok(Some(m)) => m.map_err(read_error)?,
+            };
+            match self.decode(msg).await? {
+                Some(ClientFrame::Hello { token, resume }) => return Ok((token, resume)),
+                Some(ClientFrame::Ping) => {
+                    self.write(Message::Text(Utf8Bytes::from_static(PONG)))
+                        .await?
+                }
+                Some(ClientFrame::Pong) | None => {}
+                Some(_) => {
+                    self.violation(ErrorFrame::new(
+                        ErrorCode::HelloRequired,
+                        "send hello first",
+                    ))
+                    .await?
+                }
+            }
+        }
+    }
+
+    /// Identifies the client, registers it with the hub and sends `welcome`.
+    async fn welcome(
+        &mut self,
+        who: Who,
+        token: Option<String>,
+        sub: Subscriber,
+    ) -> Result<(Peer, crate::delivery::hub::Registration), End> {
+        let app = self.app.clone();
+        let l = &app.config.limits;
+        let (peer, registration, session, token, conversations, limits) = match who {
+            Who::Visitor { site } => {
+                let visitor = match token {
+                    Some(t) => {
+                        let known = match app.tokens.verify(&t, site) {
+                            Ok(v) => app.store.visitor(v).await?.filter(|x| x.site_id == site),
+                            Err(_) => None,
+                        };
+                        match known {
+                            Some(v) => v.id,
+                            None => {
+                                let e = ErrorFrame::new(
+                                    ErrorCode::Unauthorized,
+                                    "visitor token is not valid here; connect again without it",
+                                );
+                                self.send(&ServerFrame::Error(e)).await?;
+                                return Err(End::Close(
+                                    close::UNAUTHORIZED.0,
+                                    close::UNAUTHORIZED.1,
+                                ));
+                            }
+                        }
+                    }
+                    None => app.store.create_visitor(site).await?.id,
+                };
+                let registration = app.hub.register(sub, Interest::Visitor { site, visitor });
+                let convs = app
+                    .store
+                    .list_conversations(&ConversationFilter {
+                        visitor_id: Some(visitor),
+                        site_ids: Some(vec![site]),
+                        status: Some(Status::Open),
+                        limit: 10,
+                        ..Default::default()
+                    })
+                    .await?;
+                let open = convs.first().map(|c| c.id);
+                (
+                    Peer::Visitor {
+                        site,
+                        visitor,
+                        open,
+                    },
+                    registration,
+                    SessionInfo::Visitor {
+                        visitor_id: visitor.to_string(),
+                        site_id: site.to_string(),
+                    },
+                    Some(app.tokens.issue(site, visitor)),
+                    convs,
+                    (l.visitor_sends_per_sec, l.visitor_send_burst),
+                )
+            }
+            Who::Agent(agent) => {
+                let (interest, sites) = if agent.role == AgentRole::Admin {
+                    (Interest::Everywhere, None)
+                } else {
+                    (
+                        Interest::Agent {
+                            sites: agent.site_ids.clone(),
+                        },
+                        Some(agent.site_ids.clone()),
+                    )
+                };
+                let registration = app.hub.register(sub, interest);
+                let convs = app
+                    .store
+                    .list_conversations(&ConversationFilter {
+                        site_ids: sites,
+                        status: Some(Status::Open),
+                        limit: AGENT_SNAPSHOT,
+                        ..Default::default()
+                    })
+                    .await?;
+                let session = SessionInfo::Agent {
+                    agent_id: agent.id.to_string(),
+                    name: agent.name.clone(),
+                    role: agent.role.as_str().to_owned(),
+                    site_ids: agent.site_ids.iter().map(|s| s.to_string()).collect(),
+                };
+                (
+                    Peer::Agent(agent),
+                    registration,
+                    session,
+                    None,
+                    convs,
+                    (l.agent_sends_per_sec, l.agent_send_burst),
+                )
+            }
+        };
+        for c in &conversations {
+            self.delivered.start_at(c.id, c.last_seq);
+            self.allowed.insert(c.id);
+        }
+        let welcome = ServerFrame::Welcome {
+            role: match peer {
+                Peer::Visitor { .. } => Role::Visitor,
+                Peer::Agent(_) => Role::Agent,
+            },
+            session,
+            token,
+            conversations: conversations.iter().map(Conversation::view).collect(),
+            heartbeat_ms: l.heartbeat().as_millis() as u64,
+            limits: WireLimits {
+                max_frame_bytes: MAX_FRAME_BYTES,
+                max_text_bytes: hark_protocol::MAX_TEXT_BYTES,
+                sends_per_sec: limits.0,
+                send_burst: limits.1,
+            },
+        };
+        self.send(&welcome).await?;
+        Ok((peer, registration))
+    }
+
+    /// Sends each resumed conversation's missed messages, in order.
+    async fn resume(&mut self, peer: &Peer, points: Vec<ResumePoint>) -> Result<(), End> {
+        if points.len() > MAX_RESUME {
+            let e = ErrorFrame::new(
+                ErrorCode::BadRequest,
+                format!("at most {MAX_RESUME} resume entries; the rest were ignored"),
+            );
+            self.send(&ServerFrame::Error(e)).await?;
+        }
+        for p in points.into_iter().take(MAX_RESUME) {
+            let conv = match p.conversation_id.parse::<ConversationId>() {
+                Ok(id) => self.app.store.conversation(id).await?,
+                Err(_) => None,
+            };
+            let Some(conv) = conv.filter(|c| may_see(peer, c)) else {
+                let e = ErrorFrame::new(ErrorCode::NotFound, "no such conversation")
+                    .conversation_id(p.conversation_id);
+                self.send(&ServerFrame::Error(e)).await?;
+                continue;
+            };
+            self.allowed.insert(conv.id);
+            let from = if p.seq > conv.last_seq {
+                let mut e = ErrorFrame::new(
+                    ErrorCode::SeqAhead,
+                    "the conversation has fewer messages than the client holds",
+                )
+                .conversation_id(conv.id.to_string());
+                e.last_seq = Some(conv.last_seq);
+                self.send(&ServerFrame::Error(e)).await?;
+                conv.last_seq
+            } else if p.seq + 1 < conv.first_seq {
+                let mut e = ErrorFrame::new(
+                    ErrorCode::HistoryUnavailable,
+                    "older messages of this conversation are no longer kept",
+                )
+                .conversation_id(conv.id.to_string());
+                e.available_from_seq = Some(conv.first_seq);
+                self.send(&ServerFrame::Error(e)).await?;
+                conv.first_seq - 1
+            } else {
+                p.seq
+            };
+            self.delivered.start_at(conv.id, from);
+            self.backfill(conv.id, None).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the stored messages after what the client holds, up to (not including) `until`, or
+    /// all of them.
+    async fn backfill(&mut self, conv: ConversationId, until: Option<Seq>) -> Result<(), End> {
+        loop {
+            let after = self.delivered.last(conv).unwrap_or(0);
+            if until.is_some_and(|u| after + 1 >= u) {
+                return Ok(());
+            }
+            let (msgs, more) = self
+                .app
+                .store
+                .messages(conv, SeqRange::After(after), BACKFILL_PAGE)
+                .await?;
+            let n = msgs.len();
+            for m in msgs {
+                if until.is_some_and(|u| m.seq >= u) {
+                    break;
+                }
+                self.feed(Message::Text(
+                    ServerFrame::Message(m.body()).encode().into(),
+                ))
+                .await?;
+                self.delivered.delivered(conv, m.seq);
+                metrics::counter!("hark_messages_backfilled_total").increment(1);
+            }
+            self.flush().await?;
+            if !more || n == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn live(&mut self, peer: &mut Peer, rx: &mut mpsc::Receiver<Event>) -> Result<(), End> {
+        let l = self.app.config.limits.clone();
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + l.heartbeat(), l.heartbeat());
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutdown = self.app.shutdown.clone();
+        let kick = self.kick.clone();
+        loop {
+            let can_read = self.pending.len() < l.in_flight_sends;
+            tokio::select! {
+                biased;
+                _ = kick.cancelled() => {
+                    return Err(End::Close(close::SLOW_CONSUMER.0, close::SLOW_CONSUMER.1));
+                }
+                _ = shutdown.cancelled() => return Err(End::Drain),
+                Some(done) = self.pending.next(), if !self.pending.is_empty() => {
+                    self.on_outcome(peer, done).await?;
+                }
+                ev = rx.recv() => match ev {
+                    Some(ev) => {
+                        self.on_event(peer, ev).await?;
+                        for _ in 1..WRITE_BATCH {
+                            match rx.try_recv() {
+                                Ok(ev) => self.on_event(peer, ev).await?,
+                                Err(_) => break,
+                            }
+                        }
+                        self.flush().await?;
+                    }
+                    None => return Err(End::Gone),
+                },
+                msg = self.ws.recv(), if can_read => {
+                    let Some(msg) = msg else { return Err(End::Gone) };
+                    let msg = msg.map_err(read_error)?;
+                    self.last_heard = Instant::now();
+                    if let Some(frame) = self.decode(msg).await? {
+                        self.on_frame(peer, frame).await?;
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if self.last_heard.elapsed() >= l.idle_timeout() {
+                        return Err(End::Close(close::HEARTBEAT_TIMEOUT.0, close::HEARTBEAT_TIMEOUT.1));
+                    }
+                    self.write(Message::Text(Utf8Bytes::from_static(PING))).await?;
+                }
+            }
+        }
+    }
+
+    /// Queues one event's frame for the socket (the caller flushes).
+    async fn on_event(&mut self, peer: &mut Peer, ev: Event) -> Result<(), End> {
+        match ev {
+            Event::Message(m) => match self.delivered.verdict(m.conversation_id, m.seq) {
+                Verdict::Stale => Ok(()),
+                Verdict::Next => {
+                    self.deliver(m.conversation_id, m.seq, &m.frame, m.committed_at)
+                        .await
+                }
+                Verdict::Gap { .. } => {
+                    metrics::counter!("hark_delivery_gaps_total").increment(1);
+                    self.backfill(m.conversation_id, Some(m.seq)).await?;
+                    self.deliver(m.conversation_id, m.seq, &m.frame, m.committed_at)
+                        .await
+                }
+            },
+            Event::Conversation(c) => {
+                if matches!(
+                    c.kind,
+                    ConversationEvent::Opened | ConversationEvent::Reopened
+                ) {
+                    self.delivered
+                        .start_if_unknown(c.conversation_id, c.last_seq);
+                }
+                if let Peer::Visitor { open, .. } = peer {
+                    match c.kind {
+                        ConversationEvent::Opened | ConversationEvent::Reopened => {
+                            *open = Some(c.conversation_id)
+                        }
+                        ConversationEvent::Closed if *open == Some(c.conversation_id) => {
+                            *open = None
+                        }
+                        _ => {}
+                    }
+                }
+                self.remember(c.conversation_id);
+                self.feed(Message::Text(c.frame.clone())).await
+            }
+        }
+    }
+
+    async fn deliver(
+        &mut self,
+        conv: ConversationId,
+        seq: Seq,
+        frame: &Utf8Bytes,
+        committed_at: Instant,
+    ) -> Result<(), End> {
+        self.feed(Message::Text(frame.clone())).await?;
+        self.delivered.delivered(conv, seq);
+        metrics::counter!("hark_messages_delivered_total").increment(1);
+        metrics::histogram!("hark_delivery_seconds").record(committed_at.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn on_frame(&mut self, peer: &mut Peer, frame: ClientFrame) -> Result<(), End> {
+        self.violations = 0;
+        match frame {
+            ClientFrame::Hello { .. } => {
+                self.send(&ServerFrame::Error(ErrorFrame::new(
+                    ErrorCode::AlreadyHello,
+                    "hello was already received",
+                )))
+                .await
+            }
+            ClientFrame::Send {
+                client_id,
+                conversation_id,
+                text,
+            } => self.on_send(peer, client_id, conversation_id, text).await,
+            ClientFrame::History {
+                req_id,
+                conversation_id,
+                before_seq,
+                after_seq,
+                limit,
+            } => {
+                self.on_history(peer, req_id, conversation_id, before_seq, after_seq, limit)
+                    .await
+            }
+            ClientFrame::Ping => {
+                self.write(Message::Text(Utf8Bytes::from_static(PONG)))
+                    .await
+            }
+            ClientFrame::Pong => Ok(()),
+        }
+    }
+
+    async fn on_send(
+        &mut self,
+        peer: &mut Peer,
+        client_id: String,
+        conversation_id: Option<String>,
+        text: String,
+    ) -> Result<(), End> {
+        let fail = |code, msg: &str| ErrorFrame::new(code, msg).client_id(client_id.clone());
+        if let Err(wait) = self.sends.take(Instant::now()) {
+            metrics::counter!("hark_sends_rate_limited_total").increment(1);
+            let e = fail(ErrorCode::RateLimited, "too many messages; retry later")
+                .retry_after_ms(wait.as_millis() as u64 + 1);
+            return self.send(&ServerFrame::Error(e)).await;
+        }
+        let Some(cid) = hark_protocol::parse_client_id(&client_id) else {
+            let e = fail(ErrorCode::InvalidClientId, "client_id must be a UUID");
+            return self.send(&ServerFrame::Error(e)).await;
+        };
+        let text = match MessageText::parse(&text) {
+            Ok(t) => t,
+            Err(TextError::Empty) => {
+                let e = fail(ErrorCode::TextEmpty, "the message is empty");
+                return self.send(&ServerFrame::Error(e)).await;
+            }
+            Err(TextError::TooLong) => {
+                let e = fail(
+                    ErrorCode::TextTooLong,
+                    "the message is longer than 4096 bytes",
+                );
+                return self.send(&ServerFrame::Error(e)).await;
+            }
+        };
+        let (conv, implicit) = match conversation_id {
+            Some(raw) => {
+                let conv = raw.parse::<ConversationId>().ok();
+                match conv {
+                    Some(c) if self.may_touch(peer, c).await? => (c, false),
+                    _ => {
+                        let e =
+                            fail(ErrorCode::NotFound, "no such conversation").conversation_id(raw);
+                        return self.send(&ServerFrame::Error(e)).await;
+                    }
+                }
+            }
+            None => match peer {
+                Peer::Agent(_) => {
+                    let e = fail(
+                        ErrorCode::BadRequest,
+                        "agents must name the conversation_id",
+                    );
+                    return self.send(&ServerFrame::Error(e)).await;
+                }
+                Peer::Visitor { open: Some(c), .. } => (*c, true),
+                Peer::Visitor { visitor, .. } => {
+                    // A retry of a send whose conversation has closed since must find the
+                    // original, not open a new conversation for it.
+                    if let Some(m) = self
+                        .app
+                        .store
+                        .message_by_client_id(visitor.0, ClientMsgId(cid))
+                        .await?
+                    {
+                        return self.send(&ack(&client_id, &m, true)).await;
+                    }
+                    (self.open_conversation(peer).await?, true)
+                }
+            },
+        };
+        let msg = NewMessage {
+            conversation_id: conv,
+            sender: match peer {
+                Peer::Visitor { visitor, .. } => Sender::Visitor(*visitor),
+                Peer::Agent(a) => Sender::Agent {
+                    id: a.id,
+                    name: a.name.clone(),
+                },
+            },
+            text: text.into_string(),
+            client_id: Some(ClientMsgId(cid)),
+        };
+        self.submit(client_id, msg, implicit).await
+    }
+
+    async fn submit(
+        &mut self,
+        client_id: String,
+        msg: NewMessage,
+        implicit: bool,
+    ) -> Result<(), End> {
+        match self.app.committer.submit(msg.clone()) {
+            Ok(rx) => {
+                self.pending.push(Box::pin(async move {
+                    let outcome = rx.await.unwrap_or(Outcome::Unavailable);
+                    Pending {
+                        client_id,
+                        msg,
+                        implicit,
+                        outcome,
+                    }
+                }));
+                Ok(())
+            }
+            Err(Overloaded) => {
+                let e = ErrorFrame::new(ErrorCode::Overloaded, "the server is busy; retry later")
+                    .client_id(client_id)
+                    .retry_after_ms(500);
+                self.send(&ServerFrame::Error(e)).await
+            }
+        }
+    }
+
+    async fn on_outcome(&mut self, peer: &mut Peer, p: Pending) -> Result<(), End> {
+        let frame = match p.outcome {
+            Outcome::Appended(Appended::Stored(m)) => ack(&p.client_id, &m, false),
+            Outcome::Appended(Appended::Duplicate(m)) => ack(&p.client_id, &m, true),
+            Outcome::Appended(Appended::Closed) if p.implicit => {
+                // The visitor's conversation closed under it: start a new one, once.
+                if let Peer::Visitor { open, .. } = peer {
+                    *open = None;
+                }
+                let conv = self.open_conversation(peer).await?;
+                let msg = NewMessage {
+                    conversation_id: conv,
+                    ..p.msg
+                };
+                return self.submit(p.client_id, msg, false).await;
+            }
+            Outcome::Appended(Appended::Closed) => ServerFrame::Error(
+                ErrorFrame::new(ErrorCode::ConversationClosed, "the conversation is closed")
+                    .client_id(p.client_id)
+                    .conversation_id(p.msg.conversation_id.to_string()),
+            ),
+            Outcome::Appended(Appended::NotFound) => ServerFrame::Error(
+                ErrorFrame::new(ErrorCode::NotFound, "no such conversation")
+                    .client_id(p.client_id)
+                    .conversation_id(p.msg.conversation_id.to_string()),
+            ),
+            Outcome::Unavailable => ServerFrame::Error(
+                ErrorFrame::new(ErrorCode::Unavailable, "the message was not stored; retry")
+                    .client_id(p.client_id)
+                    .retry_after_ms(1000),
+            ),
+        };
+        self.send(&frame).await
+    }
+
+    /// The visitor's open conversation, opened now if needed (and announced if so).
+    async fn open_conversation(&mut self, peer: &mut Peer) -> Result<ConversationId, End> {
+        let Peer::Visitor {
+            site,
+            visitor,
+            open,
+        } = peer
+        else {
+            return Err(End::Close(
+                close::PROTOCOL_VIOLATION.0,
+                close::PROTOCOL_VIOLATION.1,
+            ));
+        };
+        let (conv, created) = self.app.store.open_conversation(*site, *visitor).await?;
+        *open = Some(conv.id);
+        self.remember(conv.id);
+        if created {
+            metrics::counter!("hark_conversations_opened_total").increment(1);
+            self.app
+                .bus
+                .publish(conversation_event(&conv, ConversationEvent::Opened));
+        }
+        Ok(conv.id)
+    }
+
+    async fn on_history(
+        &mut self,
+        peer: &mut Peer,
+        req_id: String,
+        conversation_id: String,
+        before: Option<Seq>,
+        after: Option<Seq>,
+        limit: Option<u32>,
+    ) -> Result<(), End> {
+        let limit = limit.unwrap_or(DEFAULT_HISTORY_LIMIT);
+        let range = match (before, after) {
+            (Some(_), Some(_)) => None,
+            (Some(b), None) => Some(SeqRange::Before(b)),
+            (None, Some(a)) => Some(SeqRange::After(a)),
+            (None, None) => Some(SeqRange::Latest),
+        };
+        let Some(range) = range.filter(|_| (1..=MAX_HISTORY_LIMIT).contains(&limit)) else {
+            let e = ErrorFrame::new(
+                ErrorCode::BadRequest,
+                "give at most one of before_seq and after_seq, and a limit from 1 to 200",
+            )
+            .req_id(req_id);
+            return self.send(&ServerFrame::Error(e)).await;
+        };
+        let conv = conversation_id.parse::<ConversationId>().ok();
+        let conv = match conv {
+            Some(c) if self.may_touch(peer, c).await? => c,
+            _ => {
+                let e = ErrorFrame::new(ErrorCode::NotFound, "no such conversation")
+                    .req_id(req_id)
+                    .conversation_id(conversation_id);
+                return self.send(&ServerFrame::Error(e)).await;
+            }
+        };
+        let frame = match self.app.store.messages(conv, range, limit).await {
+            Ok((msgs, has_more)) => ServerFrame::History {
+                req_id,
+                conversation_id,
+                messages: msgs.iter().map(crate::domain::Message::body).collect(),
+                has_more,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "history read failed");
+                ServerFrame::Error(
+                    ErrorFrame::new(ErrorCode::Unavailable, "history is unavailable; retry")
+                        .req_id(req_id)
+                        .retry_after_ms(1000),
+                )
+            }
+        };
+        self.send(&frame).await
+    }
+
+    /// Whether this client may read and write `conv`; unknown and foreign look the same.
+    async fn may_touch(&mut self, peer: &Peer, conv: ConversationId) -> Result<bool, End> {
+        if self.allowed.contains(&conv) {
+            return Ok(true);
+        }
+        let ok = self
+            .app
+            .store
+            .conversation(conv)
+            .await?
+            .is_some_and(|c| may_see(peer, &c));
+        if ok {
+            self.remember(conv);
+        }
+        Ok(ok)
+    }
+
+    fn remember(&mut self, conv: ConversationId) {
+        if self.allowed.len() >= MAX_ALLOWED_CACHE {
+            self.allowed.clear();
+        }
+        self.allowed.insert(conv);
+    }
+
+    /// Turns one WebSocket message into a client frame, answering malformed ones.
+    async fn decode(&mut self, msg: Message) -> Result<Option<ClientFrame>, End> {
+        if self.frames.take(Instant::now()).is_err() {
+            return Err(End::Close(close::FLOOD.0, close::FLOOD.1));
+        }
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                self.violation(ErrorFrame::new(
+                    ErrorCode::BadFrame,
+                    "binary frames are not accepted",
+                ))
+                .await?;
+                return Ok(None);
+            }
+            Message::Ping(_) | Message::Pong(_) => return Ok(None),
+            Message::Close(_) => return Err(End::Gone),
+        };
+        match ClientFrame::decode(text.as_str()) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) => {
+                self.violation(ErrorFrame::new(e.code(), e.to_string()))
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn violation(&mut self, e: ErrorFrame) -> Result<(), End> {
+        self.violations += 1;
+        metrics::counter!("hark_frames_rejected_total", "code" => e.code.as_str()).increment(1);
+        self.send(&ServerFrame::Error(e)).await?;
+        if self.violations >= MAX_VIOLATIONS {
+            return Err(End::Close(
+                close::PROTOCOL_VIOLATION.0,
+                close::PROTOCOL_VIOLATION.1,
+            ));
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
+        self.write(Message::Text(frame.encode().into())).await
+    }
+
+    async fn write(&mut self, msg: Message) -> Result<(), End> {
+        self.feed(msg).await?;
+        self.flush().await
+    }
+
+    async fn feed(&mut self, msg: Message) -> Result<(), End> {
+        let kick = self.kick.clone();
+        tokio::select! {
+            biased;
+            r = tokio::time::timeout(WRITE_TIMEOUT, self.ws.feed(msg)) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::Gone),
+                Err(_) => Err(End::Close(close::SLOW_CONSUMER.0, close::SLOW_CONSUMER.1)),
+            },
+            _ = kick.cancelled() => Err(End::Close(close::SLOW_CONSUMER.0, close::SLOW_CONSUMER.1)),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        let kick = self.kick.clone();
+        tokio::select! {
+            biased;
+            r = tokio::time::timeout(WRITE_TIMEOUT, self.ws.flush()) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(_)) => Err(End::Gone),
+                Err(_) => Err(End::Close(close::SLOW_CONSUMER.0, close::SLOW_CONSUMER.1)),
+            },
+            _ = kick.cancelled() => Err(End::Close(close::SLOW_CONSUMER.0, close::SLOW_CONSUMER.1)),
+        }
+    }
+
+    /// Closes the connection the way `end` says.
+    async fn finish(&mut self, end: End) {
+        let (code, reason) = match end {
+            End::Gone => return,
+            End::Close(code, reason) => (code, reason),
+            End::Drain => {
+                // Sends already read are committed and acknowledged before we go.
+                let deadline = tokio::time::Instant::now() + self.app.config.limits.drain();
+                while !self.pending.is_empty() {
+                    match tokio::time::timeout_at(deadline, self.pending.next()).await {
+                        Ok(Some(p)) => {
+                            let frame = match &p.outcome {
+                                Outcome::Appended(Appended::Stored(m)) => {
+                                    ack(&p.client_id, m, false)
+                                }
+                                Outcome::Appended(Appended::Duplicate(m)) => {
+                                    ack(&p.client_id, m, true)
+                                }
+                                // Anything else is retried by the client on its next node.
+                                _ => continue,
+                            };
+                            if self.send(&frame).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                let jitter = self.app.config.limits.reconnect_jitter_ms.max(1);
+                let after_ms = rand::thread_rng().gen_range(0..jitter);
+                let frame = ServerFrame::Reconnect {
+                    reason: ReconnectReason::Draining,
+                    after_ms,
+                };
+                if self.send(&frame).await.is_err() {
+                    return;
+                }
+                close::DRAINING
+            }
+            End::Unavailable => {
+                let after_ms = 1000 + rand::thread_rng().gen_range(0..2000);
+                let frame = ServerFrame::Reconnect {
+                    reason: ReconnectReason::Overloaded,
+                    after_ms,
+                };
+                if self.send(&frame).await.is_err() {
+                    return;
+                }
+                close::OVERLOADED
+            }
+        };
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        };
+        // The closing handshake: send our close frame (a slow consumer's socket may be full, so
+        // give it time), then read until the client's close reply, so that a client still
+        // writing is not reset before it has read why it was closed.
+        let ws = &mut self.ws;
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, async move {
+            if ws.send(Message::Close(Some(frame))).await.is_ok() {
+                while let Some(Ok(_)) = ws.recv().await {}
+            }
+        })
+        .await;
+    }
+}
+
+/// Whether `peer` may see `conv` at all. Visitors see their own; agents their sites'.
+fn may_see(peer: &Peer, conv: &Conversation) -> bool {
+    match peer {
+        Peer::Visitor { site, visitor, .. } => conv.visitor_id == *visitor && conv.site_id == *site,
+        Peer::Agent(a) => a.can_access(conv.site_id),
+    }
+}
+
+fn ack(client_id: &str, m: &crate::domain::Message, duplicate: bool) -> ServerFrame {
+    ServerFrame::Ack {
+        client_id: client_id.to_owned(),
+        conversation_id: m.conversation_id.to_string(),
+        seq: m.seq,
+        message_id: m.id.to_string(),
+        created_at: m.created_at,
+        duplicate,
+    }
+}
+
+/// A failed read: an oversized frame gets its own close code; anything else means the client is
+/// gone.
+fn read_error(e: axum::Error) -> End {
+    match e.into_inner().downcast::<tungstenite::Error>() {
+        Ok(err) if matches!(*err, tungstenite::Error::Capacity(_)) => {
+            End::Close(close::FRAME_TOO_LARGE.0, close::FRAME_TOO_LARGE.1)
+        }
+        _ => End::Gone,
+    }
+}

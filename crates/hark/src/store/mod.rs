@@ -151,8 +151,10 @@ pub trait Store: Send + Sync + 'static {
         visitor_id: VisitorId,
     ) -> StoreResult<(Conversation, bool)>;
     async fn conversation(&self, id: ConversationId) -> StoreResult<Option<Conversation>>;
-    async fn list_conversations(&self, filter: &ConversationFilter)
-        -> StoreResult<Vec<Conversation>>;
+    async fn list_conversations(
+        &self,
+        filter: &ConversationFilter,
+    ) -> StoreResult<Vec<Conversation>>;
     /// Sets the status; `None` if there is no such conversation. Fails with `Conflict` when
     /// reopening would give the visitor two open conversations.
     async fn set_status(

@@ -136,7 +136,11 @@ impl SqliteStore {
         Ok(out)
     }
 
-    async fn agents_where(&self, clause: &str, arg: Option<String>) -> StoreResult<Vec<(Agent, String)>> {
+    async fn agents_where(
+        &self,
+        clause: &str,
+        arg: Option<String>,
+    ) -> StoreResult<Vec<(Agent, String)>> {
         let sql = format!("SELECT * FROM agents {clause} ORDER BY created_at, id");
         let mut q = sqlx::query(&sql);
         if let Some(a) = arg {
@@ -159,7 +163,8 @@ impl SqliteStore {
                     disabled: int(r, "disabled")? != 0,
                     created_at: int(r, "created_at")?,
                 },
-                r.try_get::<String, _>("password_hash").map_err(unavailable)?,
+                r.try_get::<String, _>("password_hash")
+                    .map_err(unavailable)?,
             ));
         }
         let ids: Vec<AgentId> = agents.iter().map(|(a, _)| a.id).collect();
@@ -201,7 +206,8 @@ fn site_row(r: &SqliteRow) -> StoreResult<Site> {
     Ok(Site {
         id: col(r, "id")?,
         name: r.try_get("name").map_err(unavailable)?,
-        key: SiteKey::parse(&key).ok_or_else(|| StoreError::Corrupt(format!("site_key={key:?}")))?,
+        key: SiteKey::parse(&key)
+            .ok_or_else(|| StoreError::Corrupt(format!("site_key={key:?}")))?,
         allowed_origins: origins.iter().filter_map(|o| Origin::parse(o)).collect(),
         identity_secret: r.try_get("identity_secret").map_err(unavailable)?,
         widget_settings: serde_json::from_str(&settings)
@@ -317,7 +323,8 @@ impl Store for SqliteStore {
     }
 
     async fn site_by_key(&self, key: &SiteKey) -> StoreResult<Option<Site>> {
-        self.site_where("site_key = ?", key.as_str().to_owned()).await
+        self.site_where("site_key = ?", key.as_str().to_owned())
+            .await
     }
 
     async fn list_sites(&self) -> StoreResult<Vec<Site>> {
@@ -600,10 +607,7 @@ impl Store for SqliteStore {
         row.map(|r| conversation_row(&r)).transpose()
     }
 
-    async fn list_conversations(
-        &self,
-        f: &ConversationFilter,
-    ) -> StoreResult<Vec<Conversation>> {
+    async fn list_conversations(&self, f: &ConversationFilter) -> StoreResult<Vec<Conversation>> {
         let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM conversations WHERE 1 = 1");
         if let Some(sites) = &f.site_ids {
             if sites.is_empty() {
