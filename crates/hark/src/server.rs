@@ -219,6 +219,21 @@ impl Server {
             n => n,
         };
         let admission = Admission::new(config.limits.accepts_per_sec, max_connections);
+        let metrics = metrics_handle();
+        let shutdown = CancellationToken::new();
+        // Histogram samples are kept raw until an upkeep folds them in; without a scraper they
+        // would grow without bound, so fold them in regularly.
+        let upkeep = metrics.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => upkeep.run_upkeep(),
+                    _ = stop.cancelled() => break,
+                }
+            }
+        });
         let app = App(Arc::new(AppInner {
             config,
             store,
@@ -226,8 +241,8 @@ impl Server {
             bus,
             committer,
             tokens: VisitorTokens::new(key),
-            metrics: metrics_handle(),
-            shutdown: CancellationToken::new(),
+            metrics,
+            shutdown,
             draining: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             admission,

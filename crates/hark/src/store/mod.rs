@@ -169,8 +169,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<Conversation>>;
 
     /// Appends many messages in one transaction. Each gets the next seq of its conversation, in
-    /// batch order; a `(author, client_id)` already stored (or earlier in the batch) yields
-    /// `Duplicate`. Either the whole batch commits or nothing does (`Err`). The routes of the
+    /// batch order; a `(author, client_id)` already stored yields `Duplicate` of the stored
+    /// message, and one repeated within the batch gets the first occurrence's outcome
+    /// (`Duplicate` of it if it was stored). Either the whole batch commits or nothing does (`Err`). The routes of the
     /// conversations written are returned alongside, for fan-out.
     async fn append_batch(
         &self,
