@@ -94,6 +94,8 @@ pub struct AppInner {
     /// Every connection task, so that a drain can wait for them.
     pub tracker: TaskTracker,
     pub admission: Admission,
+    /// Agent sessions with live sockets on this node.
+    pub live_sessions: crate::gateway::session::LiveSessions,
 }
 
 /// Shared state of a node; a cheap handle.
@@ -246,6 +248,7 @@ impl Server {
             draining: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             admission,
+            live_sessions: Default::default(),
         }));
         Ok(Server {
             listener,

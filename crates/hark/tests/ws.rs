@@ -781,3 +781,29 @@ async fn shutdown_drains_acks_in_flight_and_asks_clients_to_reconnect() {
     }
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn logging_out_closes_the_agents_sockets() {
+    let s = TestServer::start().await;
+    let (_site, token) = site_with_agent(&s).await;
+    let mut agent = Client::agent(&s, &token).await;
+    agent.hello(None, vec![]).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/api/logout", s.base_url()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 204);
+    let (code, reason, frames) = agent.closed().await;
+    assert_eq!((code, reason.as_str()), (4003, "unauthorized"));
+    assert!(matches!(&frames[..], [ServerFrame::Error(e)] if e.code == ErrorCode::Unauthorized));
+    // And the token no longer opens a socket.
+    let url = format!("ws://{}/ws/agent", s.addr);
+    let auth = format!("Bearer {token}");
+    assert!(matches!(
+        connect_raw(&url, &[("authorization", &auth)]).await,
+        Upgrade::Refused(401, _)
+    ));
+    s.shutdown().await;
+}

@@ -490,6 +490,7 @@ pub async fn logout(
     me: AuthedAgent,
 ) -> Result<Response, ApiError> {
     app.store.delete_session(&me.token_hash).await?;
+    app.live_sessions.revoke_session(&me.token_hash);
     let cookie = session_cookie("", 0, forwarded_https(&headers))?;
     let mut resp = StatusCode::NO_CONTENT.into_response();
     resp.headers_mut().insert(header::SET_COOKIE, cookie);
@@ -872,6 +873,7 @@ pub async fn update_agent(
         }
         None => None,
     };
+    let ends_sessions = password_hash.is_some() || req.disabled == Some(true);
     let agent = app
         .store
         .update_agent(
@@ -886,6 +888,10 @@ pub async fn update_agent(
         )
         .await?
         .ok_or_else(|| ApiError::not_found("agent"))?;
+    if ends_sessions {
+        // The store deleted the sessions; close their live sockets on this node too.
+        app.live_sessions.revoke_agent(agent.id);
+    }
     Ok(axum::Json(AgentView::from(&agent)))
 }
 

@@ -131,3 +131,71 @@ mod tests {
         assert_eq!(bearer(&h), None);
     }
 }
+
+/// The agent sessions that have live WebSocket connections on this node, so that ending a
+/// session (logout, new password, account disabled) closes its sockets at once. Connections also
+/// re-check their session regularly, which covers expiry and changes made through other nodes.
+#[derive(Default)]
+pub struct LiveSessions {
+    /// Held only to insert, remove or collect tokens (no `.await` inside): a std mutex fits.
+    inner: std::sync::Mutex<Vec<LiveSession>>,
+}
+
+struct LiveSession {
+    conn: u64,
+    agent: crate::domain::AgentId,
+    token_hash: String,
+    revoked: tokio_util::sync::CancellationToken,
+}
+
+/// Keeps a connection listed; unlists it when dropped.
+pub struct LiveSessionGuard<'a> {
+    sessions: &'a LiveSessions,
+    conn: u64,
+}
+
+impl Drop for LiveSessionGuard<'_> {
+    fn drop(&mut self) {
+        self.sessions.lock().retain(|s| s.conn != self.conn);
+    }
+}
+
+impl LiveSessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<LiveSession>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lists a connection; `revoked` is cancelled when its session ends.
+    pub fn watch(
+        &self,
+        conn: u64,
+        agent: crate::domain::AgentId,
+        token_hash: &str,
+        revoked: tokio_util::sync::CancellationToken,
+    ) -> LiveSessionGuard<'_> {
+        self.lock().push(LiveSession {
+            conn,
+            agent,
+            token_hash: token_hash.to_owned(),
+            revoked,
+        });
+        LiveSessionGuard {
+            sessions: self,
+            conn,
+        }
+    }
+
+    /// Ends the connections of one session (logout).
+    pub fn revoke_session(&self, token_hash: &str) {
+        for s in self.lock().iter().filter(|s| s.token_hash == token_hash) {
+            s.revoked.cancel();
+        }
+    }
+
+    /// Ends the connections of every session of an agent (new password, disabled).
+    pub fn revoke_agent(&self, agent: crate::domain::AgentId) {
+        for s in self.lock().iter().filter(|s| s.agent == agent) {
+            s.revoked.cancel();
+        }
+    }
+}

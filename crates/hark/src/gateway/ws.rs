@@ -38,6 +38,8 @@ use crate::store::{Appended, ConversationFilter, NewMessage, SeqRange, StoreErro
 
 /// How long one write to a client may block before the client counts as a slow consumer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often an agent connection re-checks that its session still stands.
+const SESSION_RECHECK: Duration = Duration::from_secs(30);
 /// How long the close frame may take to go out.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many queued events one wake-up writes before flushing the socket.
@@ -152,7 +154,10 @@ pub async fn agent_upgrade(
     }
     let authed = authenticate(&app, &headers, false).await?;
     let permit = app.admission.admit()?;
-    let who = Who::Agent(authed.agent);
+    let who = Who::Agent {
+        agent: authed.agent,
+        session: authed.token_hash,
+    };
     Ok(configure(ws).on_upgrade(move |socket| {
         let tracker = app.tracker.clone();
         tracker.track_future(connection(app, socket, who, permit))
@@ -162,7 +167,7 @@ pub async fn agent_upgrade(
 /// Who is on the other end, as known at the upgrade.
 enum Who {
     Visitor { site: SiteId },
-    Agent(Agent),
+    Agent { agent: Agent, session: String },
 }
 
 /// Who is on the other end, after `hello`.
@@ -231,19 +236,23 @@ struct Conn {
     frames: TokenBucket,
     last_heard: Instant,
     violations: u32,
+    /// The agent's session token hash, re-checked while the connection lives.
+    session: Option<String>,
+    /// Cancelled when the agent's session ends on this node.
+    revoked: CancellationToken,
 }
 
 async fn connection(app: App, socket: WebSocket, who: Who, _permit: OwnedSemaphorePermit) {
     let role = match &who {
         Who::Visitor { .. } => "visitor",
-        Who::Agent(_) => "agent",
+        Who::Agent { .. } => "agent",
     };
     metrics::counter!("hark_connections_opened_total", "role" => role).increment(1);
     let now = Instant::now();
     let l = &app.config.limits;
     let (send_rate, send_burst) = match &who {
         Who::Visitor { .. } => (l.visitor_sends_per_sec, l.visitor_send_burst),
-        Who::Agent(_) => (l.agent_sends_per_sec, l.agent_send_burst),
+        Who::Agent { .. } => (l.agent_sends_per_sec, l.agent_send_burst),
     };
     let mut conn = Conn {
         id: app.hub.next_conn_id(),
@@ -257,7 +266,19 @@ async fn connection(app: App, socket: WebSocket, who: Who, _permit: OwnedSemapho
         pending: FuturesUnordered::new(),
         last_heard: now,
         violations: 0,
+        session: None,
+        revoked: CancellationToken::new(),
     };
+    // An agent's socket lives only as long as its session.
+    let session = match &who {
+        Who::Agent { agent, session } => Some((agent.id, session.clone())),
+        Who::Visitor { .. } => None,
+    };
+    let _watch = session.as_ref().map(|(agent, hash)| {
+        app.live_sessions
+            .watch(conn.id.0, *agent, hash, conn.revoked.clone())
+    });
+    conn.session = session.map(|(_, hash)| hash);
     let end = conn.serve(who).await;
     metrics::counter!("hark_connections_closed_total", "reason" => end.label()).increment(1);
     conn.finish(end).await;
@@ -390,7 +411,7 @@ impl Conn {
                     (l.visitor_sends_per_sec, l.visitor_send_burst),
                 )
             }
-            Who::Agent(agent) => {
+            Who::Agent { agent, .. } => {
                 let (interest, sites) = if agent.role == AgentRole::Admin {
                     (Interest::Everywhere, None)
                 } else {
@@ -538,6 +559,8 @@ impl Conn {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.app.shutdown.clone();
         let kick = self.kick.clone();
+        let revoked = self.revoked.clone();
+        let mut session_checked = Instant::now();
         loop {
             let can_read = self.pending.len() < l.in_flight_sends;
             tokio::select! {
@@ -545,6 +568,7 @@ impl Conn {
                 _ = kick.cancelled() => {
                     return Err(End::Close(close::SLOW_CONSUMER.0, close::SLOW_CONSUMER.1));
                 }
+                _ = revoked.cancelled() => return Err(self.session_ended().await),
                 _ = shutdown.cancelled() => return Err(End::Drain),
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
                     self.on_outcome(peer, done).await?;
@@ -574,10 +598,47 @@ impl Conn {
                     if self.last_heard.elapsed() >= l.idle_timeout() {
                         return Err(End::Close(close::HEARTBEAT_TIMEOUT.0, close::HEARTBEAT_TIMEOUT.1));
                     }
+                    if session_checked.elapsed() >= SESSION_RECHECK {
+                        session_checked = Instant::now();
+                        if !self.session_valid(peer).await? {
+                            return Err(self.session_ended().await);
+                        }
+                    }
                     self.write(Message::Text(Utf8Bytes::from_static(PING))).await?;
                 }
             }
         }
+    }
+
+    /// Whether an agent's session still stands (not logged out, expired or disabled).
+    async fn session_valid(&mut self, peer: &Peer) -> Result<bool, End> {
+        let (Some(hash), Peer::Agent(agent)) = (self.session.clone(), peer) else {
+            return Ok(true);
+        };
+        let app = self.app.clone();
+        let alive = app
+            .store
+            .session(&hash)
+            .await?
+            .is_some_and(|s| s.expires_at > now_ms() && s.agent_id == agent.id);
+        Ok(alive
+            && app
+                .store
+                .agent(agent.id)
+                .await?
+                .is_some_and(|a| !a.disabled))
+    }
+
+    /// Tells an agent its session ended and closes with `4003 unauthorized`.
+    async fn session_ended(&mut self) -> End {
+        let e = ErrorFrame::new(
+            ErrorCode::Unauthorized,
+            "your session has ended; log in again",
+        );
+        if let Err(end) = self.send(&ServerFrame::Error(e)).await {
+            return end;
+        }
+        End::Close(close::UNAUTHORIZED.0, close::UNAUTHORIZED.1)
     }
 
     /// Queues one event's frame for the socket (the caller flushes).
