@@ -1,1 +1,304 @@
-fn main() {}
+//! `hark-bench`: load generator for Hark over real WebSockets.
+//!
+//! Either spawns a `hark serve` of its own (`--spawn`) or drives an existing server on loopback
+//! (`--url`), sets up sites and agents through the REST API, then runs visitors that send on a
+//! paced schedule and agents that receive (and optionally reply), and reports throughput,
+//! send→receive and send→ack latency, a delivery check (lost / duplicated / out of order),
+//! errors, and the server's memory and CPU. `--idle` measures memory per idle connection.
+
+mod api;
+mod client;
+mod idle;
+mod load;
+mod stats;
+mod sys;
+mod target;
+mod ws;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use crate::client::LoadParams;
+use crate::target::{SpawnOpts, Target};
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "hark-bench",
+    about = "Load generator for Hark: visitors and agents over real WebSockets",
+    after_help = "Sending lasts --warmup + --duration seconds; only the last --duration seconds are measured."
+)]
+struct Cli {
+    /// Start this `hark` binary (`hark serve` on a free loopback port, fresh data dir) and stop it at the end.
+    #[arg(long, value_name = "PATH", conflicts_with = "url")]
+    spawn: Option<PathBuf>,
+    /// An existing server on loopback, e.g. http://127.0.0.1:8080.
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// Admin login of the existing server (--url).
+    #[arg(long)]
+    admin_email: Option<String>,
+    /// Admin password of the existing server (--url).
+    #[arg(long, env = "HARK_BENCH_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
+    /// Pid of the existing server, for RSS and CPU readings (--url).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Extra argument for `hark serve` (repeatable), with --spawn.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+    /// Config file for `hark serve --config`, with --spawn.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Keep the spawned server's data directory and log.
+    #[arg(long)]
+    keep_data: bool,
+
+    /// Number of sites (visitors are spread over them round robin).
+    #[arg(long, default_value_t = 1)]
+    sites: usize,
+    /// Visitor connections in total.
+    #[arg(long, default_value_t = 100)]
+    visitors: usize,
+    /// Agent connections per site.
+    #[arg(long, default_value_t = 1)]
+    agents: usize,
+    /// Messages per second sent by all visitors together (paced evenly).
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Fraction (0..1) of received visitor messages an agent answers.
+    #[arg(long, default_value_t = 0.0)]
+    agent_reply_ratio: f64,
+    /// Measured seconds of sending (after the warmup); in --idle mode, seconds to hold.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds of sending before the measured window (excluded from stats).
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Seconds after sending stops to wait for outstanding acks and deliveries.
+    #[arg(long, default_value_t = 5.0)]
+    grace: f64,
+    /// Message text size in bytes (the send timestamp prefix counts).
+    #[arg(long, default_value_t = 32)]
+    text_bytes: usize,
+    /// New WebSocket connections per second during setup.
+    #[arg(long, default_value_t = 1000.0)]
+    connect_rate: f64,
+    /// Idle mode: open --visitors connections, hold them for --duration, report memory per connection.
+    #[arg(long)]
+    idle: bool,
+    /// Idle mode: spread the connections over this many child processes.
+    #[arg(long, default_value_t = 1)]
+    procs: usize,
+    /// Write the machine-readable report here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+
+    #[arg(long, hide = true)]
+    idle_child: bool,
+    #[arg(long, hide = true)]
+    child_site_keys: Option<String>,
+    #[arg(long, hide = true)]
+    source_ip: Option<IpAddr>,
+    #[arg(long, hide = true, default_value_t = 600.0)]
+    child_max_secs: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (soft, hard) = sys::raise_nofile_limit();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hark-bench: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async move {
+        if cli.idle_child {
+            return child(cli).await;
+        }
+        if !cli.idle_child && soft < (cli.visitors as u64 / cli.procs.max(1) as u64) + 100 {
+            eprintln!(
+                "warning: open-files limit is {soft} (hard {hard}); {} connections in one process will not fit — use --idle --procs",
+                cli.visitors / cli.procs.max(1)
+            );
+        }
+        run(cli).await
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hark-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn child(cli: Cli) -> Result<()> {
+    let url = cli.url.context("--idle-child needs --url")?;
+    let keys: Vec<String> = cli
+        .child_site_keys
+        .context("--idle-child needs --child-site-keys")?
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if keys.is_empty() {
+        bail!("--child-site-keys is empty");
+    }
+    idle::child_main(
+        &url,
+        keys,
+        cli.visitors,
+        cli.connect_rate,
+        cli.source_ip,
+        cli.child_max_secs,
+    )
+    .await
+}
+
+fn validate(cli: &Cli) -> Result<()> {
+    if cli.spawn.is_none() && cli.url.is_none() {
+        bail!("give a target: --spawn <path to hark> or --url http://127.0.0.1:PORT");
+    }
+    if cli.url.is_some() && (cli.admin_email.is_none() || cli.admin_password.is_none()) {
+        bail!("--url needs --admin-email and --admin-password (or HARK_BENCH_ADMIN_PASSWORD)");
+    }
+    if cli.sites == 0 {
+        bail!("--sites must be at least 1");
+    }
+    if !(0.0..=1.0).contains(&cli.agent_reply_ratio) {
+        bail!("--agent-reply-ratio must be within 0..=1");
+    }
+    if !(cli.duration > 0.0 && cli.duration.is_finite()) || cli.warmup < 0.0 || cli.grace < 0.0 {
+        bail!("--duration must be > 0, --warmup and --grace >= 0");
+    }
+    if !(cli.rate >= 0.0 && cli.rate.is_finite()) || cli.connect_rate <= 0.0 {
+        bail!("--rate must be >= 0 and --connect-rate > 0");
+    }
+    if cli.procs == 0 {
+        bail!("--procs must be at least 1");
+    }
+    if cli.procs > 1 && !cli.idle {
+        bail!("--procs is for --idle runs only");
+    }
+    if cli.text_bytes > hark_protocol::MAX_TEXT_BYTES {
+        bail!(
+            "--text-bytes must be at most {}",
+            hark_protocol::MAX_TEXT_BYTES
+        );
+    }
+    if !cli.idle {
+        if cli.visitors == 0 && cli.rate > 0.0 {
+            bail!("--rate > 0 needs --visitors > 0");
+        }
+        if cli.visitors > 0 {
+            let per = cli.rate / cli.visitors as f64;
+            if per > 8.0 {
+                eprintln!(
+                    "warning: {per:.1} msgs/s per visitor is above 8/s; the server allows 10/s per connection (burst 20), expect rate_limited errors — use at least {} visitors",
+                    (cli.rate / 8.0).ceil()
+                );
+            }
+        }
+        if cli.agent_reply_ratio > 0.0 && cli.agents > 0 {
+            let per_agent = cli.rate * cli.agent_reply_ratio / (cli.sites * cli.agents) as f64;
+            if per_agent > 24.0 {
+                eprintln!(
+                    "warning: each agent would reply {per_agent:.1} times/s; the server allows agents 30/s by default, expect rate_limited errors"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    validate(&cli)?;
+    let mut target = match &cli.spawn {
+        Some(path) => {
+            let t = Target::spawn(SpawnOpts {
+                hark: path,
+                server_args: &cli.server_args,
+                config: cli.config.as_deref(),
+                keep: cli.keep_data,
+            })
+            .await?;
+            eprintln!(
+                "spawned hark serve (pid {}) on {}, log {}",
+                t.server_pid.map_or("?".to_owned(), |p| p.to_string()),
+                t.base_url,
+                t.log_path()
+                    .map_or("-".to_owned(), |p| p.display().to_string())
+            );
+            t
+        }
+        None => Target::existing(
+            cli.url.as_deref().unwrap_or_default(),
+            cli.admin_email.clone().unwrap_or_default(),
+            cli.admin_password.clone().unwrap_or_default(),
+            cli.server_pid,
+        )?,
+    };
+    let outcome = if cli.idle {
+        idle::run(
+            &mut target,
+            idle::IdleParams {
+                visitors: cli.visitors,
+                procs: cli.procs,
+                sites: cli.sites,
+                connect_rate: cli.connect_rate,
+                duration: cli.duration,
+            },
+        )
+        .await
+    } else {
+        load::run(
+            &mut target,
+            LoadParams {
+                sites: cli.sites,
+                visitors: cli.visitors,
+                agents_per_site: cli.agents,
+                rate: cli.rate,
+                reply_ratio: cli.agent_reply_ratio,
+                duration: cli.duration,
+                warmup: cli.warmup,
+                grace: cli.grace,
+                text_bytes: cli.text_bytes,
+                connect_rate: cli.connect_rate,
+            },
+        )
+        .await
+    };
+    let report = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            let tail = target.log_tail(30);
+            target.shutdown(cli.keep_data).await;
+            if tail.is_empty() {
+                return Err(e);
+            }
+            return Err(e.context(format!("server log tail:\n{tail}")));
+        }
+    };
+    target.shutdown(cli.keep_data).await;
+    if cli.idle {
+        idle::print(&report);
+    } else {
+        load::print(&report);
+    }
+    if let Some(path) = &cli.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -98,7 +98,9 @@ impl ClientFrame {
     }
 }
 
-fn truncate(s: &str, max: usize) -> String {
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary, for
+/// quoting untrusted input in error messages.
+pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_owned();
     }

@@ -80,7 +80,7 @@ impl Default for Limits {
             frame_burst: 200,
             outbound_queue: 1024,
             in_flight_sends: 64,
-            commit_queue: 20_000,
+            commit_queue: 5_000,
             commit_batch: 512,
             accepts_per_sec: 2_000,
             max_connections: 0,

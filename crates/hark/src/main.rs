@@ -1,5 +1,8 @@
 //! The `hark` binary: reads configuration, sets up logging and signals, and calls the library.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -285,6 +286,13 @@ impl Server {
             shutdown.await;
             drain_flag.draining.store(true, Ordering::Relaxed);
             token.cancel();
+        });
+        // Small frames must leave at once: without TCP_NODELAY, Nagle's algorithm holds a frame
+        // back until the client's delayed ACK, adding tens of milliseconds to a delivery.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
         });
         axum::serve(
             listener,

@@ -10,10 +10,10 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::event::Event;
+use super::outbox::{Outbox, PushError};
 use crate::domain::{SiteId, VisitorId};
 
 /// Identifies one connection on this node.
@@ -24,7 +24,7 @@ pub struct ConnId(pub u64);
 #[derive(Clone)]
 pub struct Subscriber {
     pub conn: ConnId,
-    pub tx: mpsc::Sender<Event>,
+    pub tx: Outbox,
     /// Cancelled when the connection must close because it fell behind.
     pub kick: CancellationToken,
 }
@@ -195,14 +195,14 @@ impl Hub {
             targets.extend(g.iter().cloned());
         }
         for t in targets {
-            match t.tx.try_send(event.clone()) {
+            match t.tx.try_push(event.clone()) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(PushError::Full) => {
                     metrics::counter!("hark_outbound_overflow_total").increment(1);
                     t.kick.cancel();
                 }
                 // The connection is closing; its registration goes with it.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(PushError::Closed) => {}
             }
         }
     }
@@ -220,8 +220,8 @@ mod tests {
     use crate::delivery::event::{Audience, ConversationChange};
     use crate::domain::ConversationId;
 
-    fn sub(hub: &Hub, cap: usize) -> (Subscriber, mpsc::Receiver<Event>) {
-        let (tx, rx) = mpsc::channel(cap);
+    fn sub(hub: &Hub, cap: usize) -> (Subscriber, crate::delivery::outbox::Inbox) {
+        let (tx, rx) = crate::delivery::outbox::outbox(cap);
         (
             Subscriber {
                 conn: hub.next_conn_id(),
@@ -294,16 +294,16 @@ mod tests {
         ];
         assert_eq!(hub.connections(), 6);
         hub.dispatch(&event(site_a, v1));
-        assert!(rx_agent_a.try_recv().is_ok());
-        assert!(rx_admin.try_recv().is_ok());
-        assert!(rx_tab1.try_recv().is_ok());
-        assert!(rx_tab2.try_recv().is_ok());
+        assert!(rx_agent_a.try_pop().is_some());
+        assert!(rx_admin.try_pop().is_some());
+        assert!(rx_tab1.try_pop().is_some());
+        assert!(rx_tab2.try_pop().is_some());
         assert!(
-            rx_agent_b.try_recv().is_err(),
+            rx_agent_b.try_pop().is_none(),
             "site B's agent must not see site A"
         );
         assert!(
-            rx_other.try_recv().is_err(),
+            rx_other.try_pop().is_none(),
             "another visitor must not see it"
         );
     }

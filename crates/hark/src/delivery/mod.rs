@@ -11,4 +11,5 @@
 pub mod committer;
 pub mod event;
 pub mod hub;
+pub mod outbox;
 pub mod sequencer;

@@ -138,14 +138,12 @@ fn query_rejection(rejection: &QueryRejection) -> ApiError {
 }
 
 fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
+    let cut = hark_protocol::truncate(s, max);
+    if cut.len() < s.len() {
+        format!("{cut}…")
+    } else {
+        cut
     }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 // ---------------------------------------------------------------------------------------------

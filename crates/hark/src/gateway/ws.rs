@@ -22,7 +22,7 @@ use hark_protocol::{
 };
 use rand::Rng;
 use serde::Deserialize;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
@@ -30,6 +30,7 @@ use super::session::authenticate;
 use crate::delivery::committer::{Outcome, Overloaded};
 use crate::delivery::event::{conversation_event, Event};
 use crate::delivery::hub::{ConnId, Interest, Subscriber};
+use crate::delivery::outbox::{outbox, Inbox};
 use crate::delivery::sequencer::{Delivered, Verdict};
 use crate::domain::*;
 use crate::rate::TokenBucket;
@@ -65,9 +66,10 @@ pub struct VisitorQuery {
 }
 
 fn configure(ws: WebSocketUpgrade) -> WebSocketUpgrade {
-    // tungstenite's default 128 KiB read buffer per connection would cost more than everything
-    // else an idle connection holds; frames are small, so a few KiB suffice.
-    ws.read_buffer_size(4 * 1024)
+    // tungstenite allocates the read buffer up front; its default 128 KiB per connection would
+    // dwarf everything else an idle connection holds. Chat frames are small, and the buffer grows
+    // on demand for a larger one.
+    ws.read_buffer_size(1024)
         .write_buffer_size(4 * 1024)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(MAX_FRAME_BYTES)
@@ -155,7 +157,7 @@ pub async fn agent_upgrade(
     let authed = authenticate(&app, &headers, false).await?;
     let permit = app.admission.admit()?;
     let who = Who::Agent {
-        agent: authed.agent,
+        agent: Box::new(authed.agent),
         session: authed.token_hash,
     };
     Ok(configure(ws).on_upgrade(move |socket| {
@@ -167,7 +169,7 @@ pub async fn agent_upgrade(
 /// Who is on the other end, as known at the upgrade.
 enum Who {
     Visitor { site: SiteId },
-    Agent { agent: Agent, session: String },
+    Agent { agent: Box<Agent>, session: String },
 }
 
 /// Who is on the other end, after `hello`.
@@ -178,7 +180,7 @@ enum Peer {
         /// The visitor's open conversation as last seen, for sends that name none.
         open: Option<ConversationId>,
     },
-    Agent(Agent),
+    Agent(Box<Agent>),
 }
 
 /// Why a connection ends.
@@ -240,6 +242,8 @@ struct Conn {
     session: Option<String>,
     /// Cancelled when the agent's session ends on this node.
     revoked: CancellationToken,
+    /// Frames were fed to the socket since the last flush.
+    dirty: bool,
 }
 
 async fn connection(app: App, socket: WebSocket, who: Who, _permit: OwnedSemaphorePermit) {
@@ -268,6 +272,7 @@ async fn connection(app: App, socket: WebSocket, who: Who, _permit: OwnedSemapho
         violations: 0,
         session: None,
         revoked: CancellationToken::new(),
+        dirty: false,
     };
     // An agent's socket lives only as long as its session.
     let session = match &who {
@@ -281,16 +286,18 @@ async fn connection(app: App, socket: WebSocket, who: Who, _permit: OwnedSemapho
     conn.session = session.map(|(_, hash)| hash);
     let end = conn.serve(who).await;
     metrics::counter!("hark_connections_closed_total", "reason" => end.label()).increment(1);
-    conn.finish(end).await;
+    Box::pin(conn.finish(end)).await;
 }
 
 impl Conn {
     async fn serve(&mut self, who: Who) -> End {
-        let (token, resume) = match self.await_hello().await {
+        // The setup steps are boxed: an async fn's state is as large as its largest await point,
+        // and every idle connection would otherwise carry the space of the rare, big ones.
+        let (token, resume) = match Box::pin(self.await_hello()).await {
             Ok(h) => h,
             Err(end) => return end,
         };
-        let (tx, mut rx) = mpsc::channel(self.app.config.limits.outbound_queue);
+        let (tx, mut rx) = outbox(self.app.config.limits.outbound_queue);
         let sub = Subscriber {
             conn: self.id,
             tx,
@@ -298,12 +305,12 @@ impl Conn {
         };
         // Subscribe before reading the snapshot and the history, so nothing committed in
         // between can be missed; the sequencer drops what the snapshot already covered.
-        let (peer, _registration) = match self.welcome(who, token, sub).await {
+        let (peer, _registration) = match Box::pin(self.welcome(who, token, sub)).await {
             Ok(x) => x,
             Err(end) => return end,
         };
         let mut peer = peer;
-        if let Err(end) = self.resume(&peer, resume).await {
+        if let Err(end) = Box::pin(self.resume(&peer, resume)).await {
             return end;
         }
         if let Err(end) = self
@@ -331,7 +338,11 @@ impl Conn {
                 Ok(None) => return Err(End::Gone),
                 Ok(Some(m)) => m.map_err(read_error)?,
             };
-            match self.decode(msg).await? {
+            let frame = self.decode(msg).await?;
+            if self.dirty {
+                self.flush().await?;
+            }
+            match frame {
                 Some(ClientFrame::Hello { token, resume }) => return Ok((token, resume)),
                 Some(ClientFrame::Ping) => {
                     self.write(Message::Text(Utf8Bytes::from_static(PONG)))
@@ -343,7 +354,8 @@ impl Conn {
                         ErrorCode::HelloRequired,
                         "send hello first",
                     ))
-                    .await?
+                    .await?;
+                    self.flush().await?;
                 }
             }
         }
@@ -552,60 +564,60 @@ impl Conn {
         }
     }
 
-    async fn live(&mut self, peer: &mut Peer, rx: &mut mpsc::Receiver<Event>) -> Result<(), End> {
-        let l = self.app.config.limits.clone();
-        let mut heartbeat =
-            tokio::time::interval_at(tokio::time::Instant::now() + l.heartbeat(), l.heartbeat());
+    async fn live(&mut self, peer: &mut Peer, rx: &mut Inbox) -> Result<(), End> {
+        let l = &self.app.config.limits;
+        let (beat, idle_timeout, in_flight) = (l.heartbeat(), l.idle_timeout(), l.in_flight_sends);
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.app.shutdown.clone();
         let kick = self.kick.clone();
         let revoked = self.revoked.clone();
         let mut session_checked = Instant::now();
         loop {
-            let can_read = self.pending.len() < l.in_flight_sends;
+            let can_read = self.pending.len() < in_flight;
             tokio::select! {
                 biased;
                 _ = kick.cancelled() => {
                     return Err(End::Close(close::SLOW_CONSUMER.0, close::SLOW_CONSUMER.1));
                 }
-                _ = revoked.cancelled() => return Err(self.session_ended().await),
+                _ = revoked.cancelled() => return Err(Box::pin(self.session_ended()).await),
                 _ = shutdown.cancelled() => return Err(End::Drain),
                 Some(done) = self.pending.next(), if !self.pending.is_empty() => {
-                    self.on_outcome(peer, done).await?;
+                    Box::pin(self.on_outcome(peer, done)).await?;
                 }
-                ev = rx.recv() => match ev {
-                    Some(ev) => {
-                        self.on_event(peer, ev).await?;
-                        for _ in 1..WRITE_BATCH {
-                            match rx.try_recv() {
-                                Ok(ev) => self.on_event(peer, ev).await?,
-                                Err(_) => break,
-                            }
+                ev = rx.pop() => {
+                    self.on_event(peer, ev).await?;
+                    for _ in 1..WRITE_BATCH {
+                        match rx.try_pop() {
+                            Some(ev) => self.on_event(peer, ev).await?,
+                            None => break,
                         }
-                        self.flush().await?;
                     }
-                    None => return Err(End::Gone),
-                },
+                    self.dirty = true;
+                }
                 msg = self.ws.recv(), if can_read => {
                     let Some(msg) = msg else { return Err(End::Gone) };
                     let msg = msg.map_err(read_error)?;
                     self.last_heard = Instant::now();
                     if let Some(frame) = self.decode(msg).await? {
-                        self.on_frame(peer, frame).await?;
+                        Box::pin(self.on_frame(peer, frame)).await?;
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if self.last_heard.elapsed() >= l.idle_timeout() {
+                    if self.last_heard.elapsed() >= idle_timeout {
                         return Err(End::Close(close::HEARTBEAT_TIMEOUT.0, close::HEARTBEAT_TIMEOUT.1));
                     }
                     if session_checked.elapsed() >= SESSION_RECHECK {
                         session_checked = Instant::now();
-                        if !self.session_valid(peer).await? {
-                            return Err(self.session_ended().await);
+                        if !Box::pin(self.session_valid(peer)).await? {
+                            return Err(Box::pin(self.session_ended()).await);
                         }
                     }
-                    self.write(Message::Text(Utf8Bytes::from_static(PING))).await?;
+                    self.feed(Message::Text(Utf8Bytes::from_static(PING))).await?;
+                    self.dirty = true;
                 }
+                // Lowest priority: flush once nothing else is ready.
+                _ = std::future::ready(()), if self.dirty => self.flush().await?,
             }
         }
     }
@@ -652,7 +664,7 @@ impl Conn {
                 }
                 Verdict::Gap { .. } => {
                     metrics::counter!("hark_delivery_gaps_total").increment(1);
-                    self.backfill(m.conversation_id, Some(m.seq)).await?;
+                    Box::pin(self.backfill(m.conversation_id, Some(m.seq))).await?;
                     self.deliver(m.conversation_id, m.seq, &m.frame, m.committed_at)
                         .await
                 }
@@ -1005,7 +1017,16 @@ impl Conn {
         }
     }
 
-    async fn violation(&mut self, e: ErrorFrame) -> Result<(), End> {
+    /// Answers a malformed frame (boxed: a rare path that would otherwise enlarge the state of
+    /// every idle connection).
+    fn violation(
+        &mut self,
+        e: ErrorFrame,
+    ) -> Pin<Box<dyn std::future::Future<Output = Result<(), End>> + Send + '_>> {
+        Box::pin(self.answer_violation(e))
+    }
+
+    async fn answer_violation(&mut self, e: ErrorFrame) -> Result<(), End> {
         self.violations += 1;
         metrics::counter!("hark_frames_rejected_total", "code" => e.code.as_str()).increment(1);
         self.send(&ServerFrame::Error(e)).await?;
@@ -1018,8 +1039,12 @@ impl Conn {
         Ok(())
     }
 
+    /// Queues a frame for the socket; it leaves with the next flush (`live` flushes whenever it
+    /// has nothing else ready, so frames produced together share one write).
     async fn send(&mut self, frame: &ServerFrame) -> Result<(), End> {
-        self.write(Message::Text(frame.encode().into())).await
+        self.feed(Message::Text(frame.encode().into())).await?;
+        self.dirty = true;
+        Ok(())
     }
 
     async fn write(&mut self, msg: Message) -> Result<(), End> {
@@ -1041,6 +1066,7 @@ impl Conn {
     }
 
     async fn flush(&mut self) -> Result<(), End> {
+        self.dirty = false;
         let kick = self.kick.clone();
         tokio::select! {
             biased;

@@ -7,7 +7,9 @@
 //! (group commit), a gap-free per-conversation `seq` assigned inside that transaction, and
 //! idempotency on `(author, client_id)`.
 
+pub mod batch;
 pub mod sqlite;
+mod sqlite_writer;
 
 use async_trait::async_trait;
 
@@ -86,6 +88,10 @@ pub enum Appended {
     NotFound,
     Closed,
 }
+
+/// What a batch append returns: each message's outcome in batch order, and the routes of the
+/// conversations written (for fan-out).
+pub type AppendResult = (Vec<Appended>, Vec<(ConversationId, Route)>);
 
 /// Conversation plus the routing facts fan-out needs, returned with stored messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,10 +179,7 @@ pub trait Store: Send + Sync + 'static {
     /// message, and one repeated within the batch gets the first occurrence's outcome
     /// (`Duplicate` of it if it was stored). Either the whole batch commits or nothing does (`Err`). The routes of the
     /// conversations written are returned alongside, for fan-out.
-    async fn append_batch(
-        &self,
-        batch: &[NewMessage],
-    ) -> StoreResult<(Vec<Appended>, Vec<(ConversationId, Route)>)>;
+    async fn append_batch(&self, batch: &[NewMessage]) -> StoreResult<AppendResult>;
 
     /// A message already stored under this sender's client id.
     async fn message_by_client_id(

@@ -1,0 +1,111 @@
+//! Process facts from the OS: open-files limit, resident memory and CPU time (`/proc`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Raises the soft open-files limit to the hard limit. Returns (soft, hard) after the attempt.
+pub fn raise_nofile_limit() -> (u64, u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return (0, 0);
+        }
+        if r.rlim_cur < r.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: r.rlim_max,
+                rlim_max: r.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                r.rlim_cur = r.rlim_max;
+            }
+        }
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let out = (r.rlim_cur as u64, r.rlim_max as u64);
+    out
+}
+
+fn proc_path(pid: Option<u32>, file: &str) -> String {
+    match pid {
+        Some(p) => format!("/proc/{p}/{file}"),
+        None => format!("/proc/self/{file}"),
+    }
+}
+
+fn status_field_kb(pid: Option<u32>, field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(proc_path(pid, "status")).ok()?;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(field) {
+            let rest = rest.trim_start_matches(':').trim();
+            let num = rest.split_whitespace().next()?;
+            return num.parse().ok();
+        }
+    }
+    None
+}
+
+/// Resident set size in KiB (`VmRSS`); `None` = this process.
+pub fn rss_kb(pid: Option<u32>) -> Option<u64> {
+    status_field_kb(pid, "VmRSS")
+}
+
+/// Peak resident set size in KiB since the process started (`VmHWM`).
+pub fn hwm_kb(pid: Option<u32>) -> Option<u64> {
+    status_field_kb(pid, "VmHWM")
+}
+
+/// User + system CPU seconds consumed so far (`/proc/<pid>/stat` utime + stime).
+pub fn cpu_secs(pid: Option<u32>) -> Option<f64> {
+    let text = std::fs::read_to_string(proc_path(pid, "stat")).ok()?;
+    // The command name may contain spaces; fields after the last ')' are well formed.
+    let after = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // after ')' field index 0 is `state` (field 3 overall); utime = field 14, stime = field 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let tck = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let tck = if tck > 0 { tck as f64 } else { 100.0 };
+    Some((utime + stime) as f64 / tck)
+}
+
+/// Samples a process's RSS periodically and keeps the peak, until dropped.
+pub struct RssSampler {
+    peak: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32, every: Duration) -> RssSampler {
+        let peak = Arc::new(AtomicU64::new(rss_kb(Some(pid)).unwrap_or(0)));
+        let p = peak.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match rss_kb(Some(pid)) {
+                    Some(kb) => {
+                        p.fetch_max(kb, Ordering::Relaxed);
+                    }
+                    None => break,
+                }
+            }
+        });
+        RssSampler { peak, task }
+    }
+
+    pub fn peak_kb(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssSampler {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
