@@ -226,7 +226,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let addr = server.local_addr();
     let url = public.unwrap_or_else(|| format!("http://{addr}"));
     let agents = server.app().store.count_agents().await?;
-    println!("Hark is running at {url}");
+    println!("Hark is running at {url}  (try a chat by hand: {url}/try)");
     if agents == 0 {
         println!(
             "No agents yet. Create the first admin (it asks for a password):\n  hark admin --data-dir {} create-agent --email you@example.com --name 'Your Name' --role admin",
