@@ -780,7 +780,7 @@ impl Client {
                     self.sh.examples.push(format!(
                         "{}: undecodable frame ({e}): {}",
                         self.label(),
-                        ws::truncate(t.as_str(), 300)
+                        hark_protocol::abbreviate(t.as_str(), 300)
                     ));
                     Ok(())
                 }

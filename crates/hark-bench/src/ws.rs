@@ -236,13 +236,13 @@ pub async fn hello(
                 Ok(other) => {
                     return Err(ConnectError::Hello(format!(
                         "unexpected frame before welcome: {}",
-                        truncate(&format!("{other:?}"), 200)
+                        hark_protocol::abbreviate(&format!("{other:?}"), 200)
                     )))
                 }
                 Err(e) => {
                     return Err(ConnectError::Hello(format!(
                         "undecodable frame before welcome ({e}): {}",
-                        truncate(t.as_str(), 200)
+                        hark_protocol::abbreviate(t.as_str(), 200)
                     )))
                 }
             },
@@ -262,15 +262,4 @@ pub fn close_key(f: Option<&tokio_tungstenite::tungstenite::protocol::CloseFrame
         Some(f) => format!("{} {}", u16::from(f.code), f.reason.as_str()),
         None => "no_close_frame".to_owned(),
     }
-}
-
-pub fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_owned();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }

@@ -111,6 +111,16 @@ pub fn truncate(s: &str, max: usize) -> String {
     s[..end].to_owned()
 }
 
+/// Like [`truncate`], with `…` appended when something was cut.
+pub fn abbreviate(s: &str, max: usize) -> String {
+    let cut = truncate(s, max);
+    if cut.len() < s.len() {
+        format!("{cut}…")
+    } else {
+        cut
+    }
+}
+
 /// Who wrote a message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -114,7 +114,7 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => {
             "expected a JSON body with Content-Type: application/json".to_owned()
         }
-        other => truncate(&other.body_text(), 300),
+        other => hark_protocol::abbreviate(&other.body_text(), 300),
     };
     ApiError::bad_request(message)
 }
@@ -134,16 +134,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 }
 
 fn query_rejection(rejection: &QueryRejection) -> ApiError {
-    ApiError::bad_request(truncate(&rejection.body_text(), 300))
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    let cut = hark_protocol::truncate(s, max);
-    if cut.len() < s.len() {
-        format!("{cut}…")
-    } else {
-        cut
-    }
+    ApiError::bad_request(hark_protocol::abbreviate(&rejection.body_text(), 300))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,7 +282,7 @@ fn origins_field(raw: &[String]) -> Result<Vec<Origin>, ApiError> {
             Origin::parse(o).ok_or_else(|| {
                 ApiError::bad_request(format!(
                     "invalid origin {:?}: expected scheme://host[:port] with http or https",
-                    truncate(o, 200)
+                    hark_protocol::abbreviate(o, 200)
                 ))
             })
         })
@@ -317,7 +308,12 @@ fn password_field(raw: &str) -> Result<(), ApiError> {
 async fn site_ids_field(app: &App, raw: &[String]) -> Result<Vec<SiteId>, ApiError> {
     let mut out = Vec::with_capacity(raw.len());
     for r in raw {
-        let unknown = || ApiError::bad_request(format!("unknown site id {:?}", truncate(r, 64)));
+        let unknown = || {
+            ApiError::bad_request(format!(
+                "unknown site id {:?}",
+                hark_protocol::abbreviate(r, 64)
+            ))
+        };
         let id: SiteId = r.parse().map_err(|_| unknown())?;
         if app.store.site(id).await?.is_none() {
             return Err(unknown());

@@ -78,7 +78,11 @@ fn configure(ws: WebSocketUpgrade) -> WebSocketUpgrade {
 
 type Upgrade = Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>;
 
-fn upgrade_or_400(ws: Upgrade) -> Result<WebSocketUpgrade, ApiError> {
+/// The checks every upgrade starts with: not draining, and a WebSocket request at all.
+fn admissible(app: &App, ws: Upgrade) -> Result<WebSocketUpgrade, ApiError> {
+    if app.is_draining() {
+        return Err(ApiError::draining(1));
+    }
     ws.map_err(|_| ApiError::bad_request("expected a WebSocket upgrade request"))
 }
 
@@ -88,10 +92,7 @@ pub async fn visitor_upgrade(
     headers: HeaderMap,
     ws: Upgrade,
 ) -> Result<Response, ApiError> {
-    if app.is_draining() {
-        return Err(ApiError::draining(1));
-    }
-    let ws = upgrade_or_400(ws)?;
+    let ws = admissible(&app, ws)?;
     let raw = q
         .site_key
         .ok_or_else(|| ApiError::bad_request("site_key is required"))?;
@@ -118,11 +119,15 @@ pub async fn visitor_upgrade(
         ));
     }
     let permit = app.admission.admit()?;
-    let who = Who::Visitor { site: site.id };
-    Ok(configure(ws).on_upgrade(move |socket| {
+    Ok(start(app, ws, Who::Visitor { site: site.id }, permit))
+}
+
+/// Completes the upgrade and runs the connection as a tracked task (so a drain can wait for it).
+fn start(app: App, ws: WebSocketUpgrade, who: Who, permit: OwnedSemaphorePermit) -> Response {
+    configure(ws).on_upgrade(move |socket| {
         let tracker = app.tracker.clone();
         tracker.track_future(connection(app, socket, who, permit))
-    }))
+    })
 }
 
 pub async fn agent_upgrade(
@@ -130,10 +135,7 @@ pub async fn agent_upgrade(
     headers: HeaderMap,
     ws: Upgrade,
 ) -> Result<Response, ApiError> {
-    if app.is_draining() {
-        return Err(ApiError::draining(1));
-    }
-    let ws = upgrade_or_400(ws)?;
+    let ws = admissible(&app, ws)?;
     // Cross-site WebSocket hijacking: a page elsewhere could open this socket with the agent's
     // cookie. Browsers always send Origin; it must name this very host.
     if let Some(origin) = headers.get(header::ORIGIN) {
@@ -160,10 +162,7 @@ pub async fn agent_upgrade(
         agent: Box::new(authed.agent),
         session: authed.token_hash,
     };
-    Ok(configure(ws).on_upgrade(move |socket| {
-        let tracker = app.tracker.clone();
-        tracker.track_future(connection(app, socket, who, permit))
-    }))
+    Ok(start(app, ws, who, permit))
 }
 
 /// Who is on the other end, as known at the upgrade.
