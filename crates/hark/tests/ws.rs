@@ -807,3 +807,62 @@ async fn logging_out_closes_the_agents_sockets() {
     ));
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_initiated_close_is_answered() {
+    let s = TestServer::start().await;
+    let (site, _) = site_with_agent(&s).await;
+    let mut v = Client::visitor(&s, site.key.as_str()).await;
+    v.hello(None, vec![]).await;
+    v.ws.send(tokio_tungstenite::tungstenite::Message::Close(None))
+        .await
+        .unwrap();
+    // The server echoes the close frame (RFC 6455 closing handshake) and the stream ends.
+    let (code, _, frames) = v.closed().await;
+    assert_ne!(
+        code, 1006,
+        "the server answered with a close frame: {frames:?}"
+    );
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn operations_endpoints_answer() {
+    let s = TestServer::start().await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("{}{path}", s.base_url())).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    assert_eq!(get("/readyz").await.unwrap().status(), 200);
+    // Produce some traffic, then the metrics show it.
+    let (site, _) = site_with_agent(&s).await;
+    let mut v = Client::visitor(&s, site.key.as_str()).await;
+    v.hello(None, vec![]).await;
+    v.say(&uuid(), None, "count me").await;
+    v.until(|f| matches!(f, ServerFrame::Ack { .. })).await;
+    let metrics = get("/metrics").await.unwrap().text().await.unwrap();
+    for name in [
+        "hark_messages_stored_total",
+        "hark_store_commit_seconds_bucket",
+        "hark_store_batch_size_bucket",
+        "hark_connections_opened_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    drop(v);
+    // Draining: readiness goes away while the process still runs.
+    s.shutdown.cancel();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        match get("/readyz").await {
+            Ok(r) if r.status() == 503 => break,
+            Err(_) => break, // the listener already closed: not ready either
+            _ => {}
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz stayed 200 while draining"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    s.shutdown().await;
+}

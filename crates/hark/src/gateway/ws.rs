@@ -1081,7 +1081,11 @@ impl Conn {
     /// Closes the connection the way `end` says.
     async fn finish(&mut self, end: End) {
         let (code, reason) = match end {
-            End::Gone => return,
+            End::Gone => {
+                // If the client closed, tungstenite has queued the close reply: send it.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.ws.flush()).await;
+                return;
+            }
             End::Close(code, reason) => (code, reason),
             End::Drain => {
                 // Sends already read are committed and acknowledged before we go.

@@ -278,6 +278,8 @@ impl Store for SqliteStore {
             .execute(&self.reader)
             .await
             .map_err(unavailable)?;
+        // An empty batch is a round trip to the message writer thread: it must be alive too.
+        self.appender.append(Vec::new()).await?;
         Ok(())
     }
 
