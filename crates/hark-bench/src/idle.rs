@@ -426,19 +426,7 @@ pub async fn run(target: &mut Target, p: IdleParams) -> Result<Value> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_connected = pid.and_then(|p| sys::rss_kb(Some(p)));
     let hold_end = Instant::now() + Duration::from_secs_f64(p.duration);
-    let mut server_died = false;
-    while Instant::now() < hold_end {
-        tokio::time::sleep_until(
-            (Instant::now() + Duration::from_secs(1))
-                .min(hold_end)
-                .into(),
-        )
-        .await;
-        if !target.alive() {
-            server_died = true;
-            break;
-        }
-    }
+    let server_died = !target.hold_until(hold_end).await;
     let rss_after = pid.and_then(|p| sys::rss_kb(Some(p)));
     let self_cpu1 = sys::cpu_secs(None);
     let srv_cpu1 = pid.and_then(|p| sys::cpu_secs(Some(p)));

@@ -209,19 +209,7 @@ pub async fn run(target: &mut Target, p: LoadParams) -> Result<Value> {
     tokio::time::sleep_until(warmup_end.into()).await;
     let self_cpu0 = sys::cpu_secs(None);
     let srv_cpu0 = pid.and_then(|p| sys::cpu_secs(Some(p)));
-    let mut server_died = false;
-    while Instant::now() < send_end {
-        tokio::time::sleep_until(
-            (Instant::now() + Duration::from_secs(1))
-                .min(send_end)
-                .into(),
-        )
-        .await;
-        if !target.alive() {
-            server_died = true;
-            break;
-        }
-    }
+    let server_died = !target.hold_until(send_end).await;
     let self_cpu1 = sys::cpu_secs(None);
     let srv_cpu1 = pid.and_then(|p| sys::cpu_secs(Some(p)));
     let rss_end = pid.and_then(|p| sys::rss_kb(Some(p)));

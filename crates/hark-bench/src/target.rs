@@ -241,6 +241,19 @@ impl Target {
         }
     }
 
+    /// Waits until `end`, checking every second that a spawned server still runs. Returns
+    /// `false` (early) if it died.
+    pub async fn hold_until(&mut self, end: std::time::Instant) -> bool {
+        while std::time::Instant::now() < end {
+            let next = (std::time::Instant::now() + std::time::Duration::from_secs(1)).min(end);
+            tokio::time::sleep_until(next.into()).await;
+            if !self.alive() {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Stops a spawned server (SIGTERM, then SIGKILL after 15 s) and removes its directory
     /// unless `keep`.
     pub async fn shutdown(&mut self, keep: bool) {

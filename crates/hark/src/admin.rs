@@ -23,12 +23,7 @@ pub async fn create_site(
     origins: &[String],
     out: &mut dyn Write,
 ) -> Result<Site, AdminError> {
-    let name = name.trim();
-    if name.is_empty() || name.len() > 200 {
-        return Err(AdminError::Invalid(
-            "--name must be 1 to 200 characters".into(),
-        ));
-    }
+    let name = display_name(name)?;
     let mut allowed = Vec::new();
     for o in origins {
         allowed.push(Origin::parse(o).ok_or_else(|| {
@@ -39,7 +34,7 @@ pub async fn create_site(
     }
     let site = store
         .create_site(NewSite {
-            name: name.to_owned(),
+            name,
             allowed_origins: allowed,
         })
         .await?;
@@ -92,12 +87,7 @@ pub async fn create_agent(
 ) -> Result<Agent, AdminError> {
     let email = Email::parse(email)
         .ok_or_else(|| AdminError::Invalid(format!("--email {email:?} is not an email address")))?;
-    let name = name.trim();
-    if name.is_empty() || name.len() > 200 {
-        return Err(AdminError::Invalid(
-            "--name must be 1 to 200 characters".into(),
-        ));
-    }
+    let name = display_name(name)?;
     let mut site_ids = Vec::new();
     for s in sites {
         let id: SiteId = s
@@ -112,7 +102,7 @@ pub async fn create_agent(
     let agent = store
         .create_agent(NewAgent {
             email,
-            name: name.to_owned(),
+            name,
             role,
             password_hash: hash,
             site_ids,
@@ -179,6 +169,17 @@ pub async fn set_password(
         email.as_str()
     );
     Ok(())
+}
+
+fn display_name(raw: &str) -> Result<String, AdminError> {
+    DisplayName::parse(raw)
+        .map(DisplayName::into_string)
+        .ok_or_else(|| {
+            AdminError::Invalid(format!(
+                "--name must be 1 to {} characters",
+                DisplayName::MAX_CHARS
+            ))
+        })
 }
 
 async fn hash(password: String) -> Result<String, AdminError> {

@@ -163,6 +163,25 @@ impl MessageText {
     }
 }
 
+/// A name shown to people (site, agent): trimmed, 1 to 200 characters (not bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DisplayName(String);
+
+impl DisplayName {
+    pub const MAX_CHARS: usize = 200;
+
+    pub fn parse(raw: &str) -> Option<DisplayName> {
+        let name = raw.trim();
+        let chars = name.chars().count();
+        (1..=Self::MAX_CHARS)
+            .contains(&chars)
+            .then(|| DisplayName(name.to_owned()))
+    }
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
 /// A normalised (trimmed, lower-cased) email address with one `@` and a dot in the domain.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -388,6 +407,20 @@ mod tests {
         assert!(Origin::parse("ftp://example.com").is_none());
         assert!(Origin::parse("example.com").is_none());
         assert!(Origin::parse("https://").is_none());
+    }
+
+    #[test]
+    fn display_names_count_characters_not_bytes() {
+        assert_eq!(
+            DisplayName::parse("  Ada ").map(DisplayName::into_string),
+            Some("Ada".into())
+        );
+        assert!(DisplayName::parse(" \t ").is_none());
+        assert!(
+            DisplayName::parse(&"é".repeat(200)).is_some(),
+            "400 bytes, 200 characters"
+        );
+        assert!(DisplayName::parse(&"é".repeat(201)).is_none());
     }
 
     #[test]

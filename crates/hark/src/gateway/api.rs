@@ -36,8 +36,8 @@ use crate::auth;
 use crate::delivery::committer::{Outcome, Overloaded};
 use crate::delivery::event::conversation_event;
 use crate::domain::{
-    now_ms, Agent, AgentId, AgentRole, ClientMsgId, Conversation, ConversationId, Email,
-    MessageText, Origin, Sender, Site, SiteId, Status, TextError, VisitorId,
+    now_ms, Agent, AgentId, AgentRole, ClientMsgId, Conversation, ConversationId, DisplayName,
+    Email, MessageText, Origin, Sender, Site, SiteId, Status, TextError, VisitorId,
 };
 use crate::server::App;
 use crate::store::{
@@ -52,7 +52,7 @@ pub const MAX_PAGE: u32 = 200;
 /// Page size when a request names none.
 pub const DEFAULT_PAGE: u32 = 50;
 /// Longest site or agent name, in characters after trimming.
-pub const MAX_NAME_CHARS: usize = 200;
+pub const MAX_NAME_CHARS: usize = DisplayName::MAX_CHARS;
 /// Longest password accepted when one is set, in bytes.
 pub const MAX_PASSWORD_BYTES: usize = 1024;
 
@@ -263,14 +263,11 @@ fn path_id<T: FromStr>(raw: &str, what: &str) -> Result<T, ApiError> {
 }
 
 fn name_field(raw: &str, what: &str) -> Result<String, ApiError> {
-    let name = raw.trim();
-    let chars = name.chars().count();
-    if chars == 0 || chars > MAX_NAME_CHARS {
-        return Err(ApiError::bad_request(format!(
-            "{what} must be 1 to {MAX_NAME_CHARS} characters"
-        )));
-    }
-    Ok(name.to_owned())
+    DisplayName::parse(raw)
+        .map(DisplayName::into_string)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("{what} must be 1 to {MAX_NAME_CHARS} characters"))
+        })
 }
 
 fn origins_field(raw: &[String]) -> Result<Vec<Origin>, ApiError> {
