@@ -378,6 +378,8 @@ impl Client {
                 self.token.clone()
             },
             resume: self.resume_points(),
+            page: None,
+            presence: Vec::new(),
         };
         let w = ws::hello(&mut conn, &hello, Duration::from_secs(15)).await?;
         if !self.is_agent() {
@@ -900,6 +902,35 @@ impl Client {
                 Ok(())
             }
             ServerFrame::Ready | ServerFrame::Pong | ServerFrame::History { .. } => Ok(()),
+            // Presence (visitor lists, availability), typing and read receipts: counted only.
+            ServerFrame::VisitorList { .. } => {
+                self.sh.frames.add("visitor_list", 1);
+                Ok(())
+            }
+            ServerFrame::Visitor { .. } => {
+                self.sh.frames.add("visitor", 1);
+                Ok(())
+            }
+            ServerFrame::VisitorGone { .. } => {
+                self.sh.frames.add("visitor_gone", 1);
+                Ok(())
+            }
+            ServerFrame::AgentStatus { .. } => {
+                self.sh.frames.add("agent_status", 1);
+                Ok(())
+            }
+            ServerFrame::Availability { .. } => {
+                self.sh.frames.add("availability", 1);
+                Ok(())
+            }
+            ServerFrame::Typing { .. } => {
+                self.sh.frames.add("typing", 1);
+                Ok(())
+            }
+            ServerFrame::Read { .. } => {
+                self.sh.frames.add("read", 1);
+                Ok(())
+            }
         }
     }
 

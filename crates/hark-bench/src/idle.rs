@@ -120,6 +120,8 @@ async fn idle_conn(
     let hello = ClientFrame::Hello {
         token: None,
         resume: Vec::new(),
+        page: None,
+        presence: Vec::new(),
     };
     let mut attempt = 0u32;
     let mut conn = loop {
@@ -317,8 +319,12 @@ pub async fn run(target: &mut Target, p: IdleParams) -> Result<Value> {
         keys.push(site.site_key);
     }
     let pid = target.server_pid;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The login's password hashing holds ~20 MiB in a blocking thread of the server until that
+    // thread exits, 10 s after its last task (tokio's keep-alive); a baseline read before then
+    // would count that memory's release against the connections.
+    tokio::time::sleep(Duration::from_secs(12)).await;
     let rss_before = pid.and_then(|p| sys::rss_kb(Some(p)));
+    let anon_before = pid.and_then(|p| sys::rss_anon_kb(Some(p)));
     let sampler = pid.map(|p| sys::RssSampler::start(p, Duration::from_millis(250)));
     let self_cpu0 = sys::cpu_secs(None);
     let srv_cpu0 = pid.and_then(|p| sys::cpu_secs(Some(p)));
@@ -428,6 +434,7 @@ pub async fn run(target: &mut Target, p: IdleParams) -> Result<Value> {
     let hold_end = Instant::now() + Duration::from_secs_f64(p.duration);
     let server_died = !target.hold_until(hold_end).await;
     let rss_after = pid.and_then(|p| sys::rss_kb(Some(p)));
+    let anon_after = pid.and_then(|p| sys::rss_anon_kb(Some(p)));
     let self_cpu1 = sys::cpu_secs(None);
     let srv_cpu1 = pid.and_then(|p| sys::cpu_secs(Some(p)));
     let mut children_cpu = 0.0;
@@ -494,6 +501,12 @@ pub async fn run(target: &mut Target, p: IdleParams) -> Result<Value> {
         }
         _ => None,
     };
+    let per_conn_anon_kb = match (anon_before, anon_after) {
+        (Some(b), Some(a)) if connected > 0 => {
+            Some(((a as f64 - b as f64) / connected as f64 * 100.0).round() / 100.0)
+        }
+        _ => None,
+    };
     let per_conn_kb_connected = match (rss_before, rss_connected) {
         (Some(b), Some(a)) if connected > 0 => {
             Some(((a as f64 - b as f64) / connected as f64 * 100.0).round() / 100.0)
@@ -530,6 +543,9 @@ pub async fn run(target: &mut Target, p: IdleParams) -> Result<Value> {
             "rss_peak_kb": sampler.as_ref().map(|s| s.peak_kb().max(rss_after.unwrap_or(0))),
             "per_connection_kb": per_conn_kb,
             "per_connection_kb_just_connected": per_conn_kb_connected,
+            "rss_anon_before_kb": anon_before,
+            "rss_anon_after_kb": anon_after,
+            "per_connection_anon_kb": per_conn_anon_kb,
             "cpu_secs": srv_cpu.map(|c| (c * 100.0).round() / 100.0),
         },
         "bench": {
@@ -595,9 +611,10 @@ pub fn print(r: &Value) {
         }
     );
     println!(
-        "server memory per connection: {} KiB after the hold ({} KiB just after connecting)",
+        "server memory per connection: {} KiB after the hold ({} KiB just after connecting; anonymous memory only {} KiB)",
         f(&s["per_connection_kb"]),
         f(&s["per_connection_kb_just_connected"]),
+        f(&s["per_connection_anon_kb"]),
     );
     println!(
         "CPU: server {} s, bench {} s (incl. children) over {} s",

@@ -4,12 +4,16 @@
 //! (`--url`), sets up sites and agents through the REST API, then runs visitors that send on a
 //! paced schedule and agents that receive (and optionally reply), and reports throughput,
 //! send→receive and send→ack latency, a delivery check (lost / duplicated / out of order),
-//! errors, and the server's memory and CPU. `--idle` measures memory per idle connection.
+//! errors, and the server's memory and CPU. `--idle` measures memory per idle connection;
+//! `--presence` the visitor list (snapshot time, delta latency under churn, memory per visitor).
 
 mod api;
 mod client;
+mod console;
+mod fixtures;
 mod idle;
 mod load;
+mod presence;
 mod stats;
 mod sys;
 mod target;
@@ -90,15 +94,33 @@ struct Cli {
     /// Idle mode: open --visitors connections, hold them for --duration, report memory per connection.
     #[arg(long)]
     idle: bool,
-    /// Idle mode: spread the connections over this many child processes.
+    /// Idle and presence modes: spread the visitor connections over this many child processes.
     #[arg(long, default_value_t = 1)]
     procs: usize,
+    /// Presence mode: --visitors on one site with a page in hello; agent consoles load the
+    /// visitor list (--snapshots times) and follow --churn arrivals + departures per second.
+    #[arg(long, conflicts_with = "idle")]
+    presence: bool,
+    /// Presence mode: arrivals + departures per second in total (half each), after the fill.
+    #[arg(long, default_value_t = 1000.0)]
+    churn: f64,
+    /// Presence mode: how many times an agent console loads the list at the full population.
+    #[arg(long, default_value_t = 3)]
+    snapshots: usize,
+    /// Presence mode: the server's `limits.presence_grace_ms`. With --spawn and no --config the
+    /// bench starts the server with this value; departure latencies are reported with it subtracted.
+    #[arg(long, default_value_t = 0)]
+    presence_grace_ms: u64,
     /// Write the machine-readable report here.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
 
     #[arg(long, hide = true)]
     idle_child: bool,
+    #[arg(long, hide = true)]
+    presence_child: bool,
+    #[arg(long, hide = true, default_value_t = 0)]
+    child_seed: u64,
     #[arg(long, hide = true)]
     child_site_keys: Option<String>,
     #[arg(long, hide = true)]
@@ -121,12 +143,12 @@ fn main() -> ExitCode {
         }
     };
     let result = rt.block_on(async move {
-        if cli.idle_child {
+        if cli.idle_child || cli.presence_child {
             return child(cli).await;
         }
-        if !cli.idle_child && soft < (cli.visitors as u64 / cli.procs.max(1) as u64) + 100 {
+        if soft < (cli.visitors as u64 / cli.procs.max(1) as u64) + 100 {
             eprintln!(
-                "warning: open-files limit is {soft} (hard {hard}); {} connections in one process will not fit — use --idle --procs",
+                "warning: open-files limit is {soft} (hard {hard}); {} connections in one process will not fit — use --procs (with --idle or --presence)",
                 cli.visitors / cli.procs.max(1)
             );
         }
@@ -153,6 +175,18 @@ async fn child(cli: Cli) -> Result<()> {
         .collect();
     if keys.is_empty() {
         bail!("--child-site-keys is empty");
+    }
+    if cli.presence_child {
+        let cfg = presence::child_cfg(
+            &url,
+            keys[0].clone(),
+            cli.visitors,
+            cli.connect_rate,
+            cli.churn,
+            cli.source_ip,
+            cli.child_seed,
+        )?;
+        return presence::child_main(cfg, cli.child_max_secs).await;
     }
     idle::child_main(
         &url,
@@ -187,8 +221,26 @@ fn validate(cli: &Cli) -> Result<()> {
     if cli.procs == 0 {
         bail!("--procs must be at least 1");
     }
-    if cli.procs > 1 && !cli.idle {
-        bail!("--procs is for --idle runs only");
+    if cli.procs > 1 && !cli.idle && !cli.presence {
+        bail!("--procs is for --idle and --presence runs only");
+    }
+    if cli.presence {
+        if cli.visitors == 0 {
+            bail!("--presence needs --visitors > 0");
+        }
+        if !(cli.churn >= 0.0 && cli.churn.is_finite()) {
+            bail!("--churn must be >= 0");
+        }
+        if cli.snapshots == 0 {
+            bail!("--snapshots must be at least 1");
+        }
+        if cli.config.is_some() && cli.spawn.is_some() {
+            eprintln!(
+                "note: with --config the server's grace period comes from that file; departures are reported minus --presence-grace-ms = {} ms",
+                cli.presence_grace_ms
+            );
+        }
+        return Ok(());
     }
     if cli.text_bytes > hark_protocol::MAX_TEXT_BYTES {
         bail!(
@@ -223,15 +275,40 @@ fn validate(cli: &Cli) -> Result<()> {
 
 async fn run(cli: Cli) -> Result<()> {
     validate(&cli)?;
-    let mut target = match &cli.spawn {
-        Some(path) => {
-            let t = Target::spawn(SpawnOpts {
+    // Presence runs on a spawned server get a config with the grace period asked for.
+    let mut temp_config: Option<PathBuf> = None;
+    if cli.presence && cli.spawn.is_some() && cli.config.is_none() {
+        let path = std::env::temp_dir().join(format!(
+            "hark-bench-presence-{}-{}.toml",
+            std::process::id(),
+            target::random_token(6)
+        ));
+        std::fs::write(
+            &path,
+            format!("[limits]\npresence_grace_ms = {}\n", cli.presence_grace_ms),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        temp_config = Some(path);
+    }
+    let config = cli.config.clone().or_else(|| temp_config.clone());
+    let spawned = match &cli.spawn {
+        Some(path) => Some(
+            Target::spawn(SpawnOpts {
                 hark: path,
                 server_args: &cli.server_args,
-                config: cli.config.as_deref(),
+                config: config.as_deref(),
                 keep: cli.keep_data,
             })
-            .await?;
+            .await,
+        ),
+        None => None,
+    };
+    if let Some(p) = &temp_config {
+        let _ = std::fs::remove_file(p);
+    }
+    let mut target = match spawned {
+        Some(t) => {
+            let t = t?;
             eprintln!(
                 "spawned hark serve (pid {}) on {}, log {}",
                 t.server_pid.map_or("?".to_owned(), |p| p.to_string()),
@@ -248,7 +325,23 @@ async fn run(cli: Cli) -> Result<()> {
             cli.server_pid,
         )?,
     };
-    let outcome = if cli.idle {
+    let outcome = if cli.presence {
+        presence::run(
+            &mut target,
+            presence::PresenceParams {
+                visitors: cli.visitors,
+                procs: cli.procs,
+                connect_rate: cli.connect_rate,
+                churn: cli.churn,
+                warmup: cli.warmup,
+                duration: cli.duration,
+                settle: cli.grace,
+                snapshots: cli.snapshots,
+                grace_ms: cli.presence_grace_ms,
+            },
+        )
+        .await
+    } else if cli.idle {
         idle::run(
             &mut target,
             idle::IdleParams {
@@ -290,7 +383,9 @@ async fn run(cli: Cli) -> Result<()> {
         }
     };
     target.shutdown(cli.keep_data).await;
-    if cli.idle {
+    if cli.presence {
+        presence::print(&report);
+    } else if cli.idle {
         idle::print(&report);
     } else {
         load::print(&report);

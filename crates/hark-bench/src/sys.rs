@@ -54,6 +54,12 @@ pub fn rss_kb(pid: Option<u32>) -> Option<u64> {
     status_field_kb(pid, "VmRSS")
 }
 
+/// Anonymous resident memory in KiB (`RssAnon`): the heap and stacks, without mapped files (the
+/// store's memory-mapped database pages count in `VmRSS`).
+pub fn rss_anon_kb(pid: Option<u32>) -> Option<u64> {
+    status_field_kb(pid, "RssAnon")
+}
+
 /// Peak resident set size in KiB since the process started (`VmHWM`).
 pub fn hwm_kb(pid: Option<u32>) -> Option<u64> {
     status_field_kb(pid, "VmHWM")
@@ -107,5 +113,46 @@ impl RssSampler {
 impl Drop for RssSampler {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process on the machine, so times taken
+/// by the bench's child processes and by the parent can be compared.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the struct we pass.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// RSS once it has stopped moving: sampled every 500 ms until the last 3 s of samples lie
+/// within 1 % (or 512 KiB) of each other, or `max_wait` passed. Start-up allocations (password
+/// hashing takes ~19 MiB) are released a few seconds late, and would otherwise count against
+/// whatever is measured next.
+pub async fn settled_rss_kb(pid: Option<u32>, max_wait: Duration) -> Option<u64> {
+    let deadline = tokio::time::Instant::now() + max_wait;
+    let mut samples: Vec<u64> = Vec::new();
+    loop {
+        let kb = rss_kb(pid)?;
+        samples.push(kb);
+        if samples.len() >= 7 {
+            let last = &samples[samples.len() - 7..];
+            let (lo, hi) = (
+                *last.iter().min().unwrap_or(&kb),
+                *last.iter().max().unwrap_or(&kb),
+            );
+            if hi - lo <= (hi / 100).max(512) {
+                return Some(kb);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Some(kb);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

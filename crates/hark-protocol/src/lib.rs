@@ -32,6 +32,12 @@ pub enum ClientFrame {
         token: Option<String>,
         #[serde(default)]
         resume: Vec<ResumePoint>,
+        /// Visitors: the page this connection was opened on.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        page: Option<PageView>,
+        /// Agents: the visitor lists the console already holds, per site.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        presence: Vec<ListResume>,
     },
     Send {
         client_id: String,
@@ -49,12 +55,177 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
+    /// Visitors: the tab navigated (single-page apps) or its title changed.
+    Page(PageView),
+    /// Visitors: name and email, from a pre-chat form or the site's own login.
+    Identify {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        email: Option<String>,
+    },
+    /// Typing state. A visitor may name no conversation (typing before the first message) and may
+    /// carry a `preview` of the draft, which only agents see; an agent's `preview` is ignored.
+    Typing {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conversation_id: Option<String>,
+        typing: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        preview: Option<String>,
+    },
+    /// The client has shown the conversation up to `seq`.
+    Read {
+        conversation_id: String,
+        seq: u64,
+    },
+    /// Agents: set availability.
+    Status {
+        status: SetStatus,
+    },
+    /// Agents: the person at the console did something (keys, mouse); resets auto-away.
+    Active,
     Ping,
     Pong,
 }
 
 /// The `type` names a client may send, for telling an unknown type from a malformed frame.
-const CLIENT_TYPES: &[&str] = &["hello", "send", "history", "ping", "pong"];
+const CLIENT_TYPES: &[&str] = &[
+    "hello", "send", "history", "page", "identify", "typing", "read", "status", "active", "ping",
+    "pong",
+];
+
+/// Longest page URL, title or referrer kept, in bytes (longer ones are cut).
+pub const MAX_PAGE_FIELD_BYTES: usize = 2048;
+/// Longest typing preview forwarded, in bytes.
+pub const MAX_PREVIEW_BYTES: usize = MAX_TEXT_BYTES;
+
+/// A page a visitor has open.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageView {
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrer: Option<String>,
+}
+
+/// Where an agent's copy of one site's visitor list stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListResume {
+    pub site_id: String,
+    pub epoch: String,
+    pub version: u64,
+}
+
+/// What an agent may set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetStatus {
+    Available,
+    Away,
+}
+
+/// An agent's availability as others see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    Available,
+    Away,
+    Offline,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentPresence {
+    pub agent_id: String,
+    pub name: String,
+    pub status: AgentStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatState {
+    /// No open conversation.
+    Browsing,
+    /// An open conversation no agent has answered or taken.
+    Waiting,
+    /// An agent has answered or taken the conversation.
+    Chatting,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatInfo {
+    pub state: ChatState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<String>,
+    /// The agents in the chat (the assignee and those who wrote), for `chatting`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agent_ids: Vec<String>,
+    /// Visitor messages no agent has read yet.
+    pub unread: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country_code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+}
+
+/// One online visitor in an agent's visitor list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VisitorPresence {
+    pub visitor_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// The page of the tab used last.
+    pub page: PageView,
+    /// Where the visit came from: the referrer of its first page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrer: Option<String>,
+    /// Pages viewed during this visit.
+    pub pages_viewed: u32,
+    /// Tabs open now.
+    pub tabs: u32,
+    /// When this visit began (Unix ms); time on site is now minus this.
+    pub online_since: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub browser: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub os: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+    pub chat: ChatInfo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ListMode {
+    /// Replace the whole list with the frames' entries.
+    Snapshot,
+    /// Apply the entries and removals to the list held.
+    Changes,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GoneReason {
+    /// Every tab closed (after the navigation grace period).
+    Left,
+    /// The visitor's connections stopped answering heartbeats, or their node died.
+    Expired,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Party {
+    Visitor,
+    Agent,
+}
 
 /// Why a client frame could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -211,6 +382,9 @@ pub enum ReconnectReason {
 }
 
 /// Frames the server sends.
+// Frames are built, encoded and dropped at once; boxing the large variants would only add an
+// allocation per frame.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
@@ -247,6 +421,62 @@ pub enum ServerFrame {
     Reconnect {
         reason: ReconnectReason,
         after_ms: u64,
+    },
+    /// Agents: one site's visitor list, whole or as changes since the version resumed from. Long
+    /// lists come in several frames with the same version; `done` marks the last.
+    VisitorList {
+        site_id: String,
+        epoch: String,
+        version: u64,
+        mode: ListMode,
+        visitors: Vec<VisitorPresence>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        gone: Vec<String>,
+        agents: Vec<AgentPresence>,
+        done: bool,
+    },
+    /// Agents: a visitor came online or changed.
+    Visitor {
+        site_id: String,
+        version: u64,
+        visitor: VisitorPresence,
+    },
+    /// Agents: a visitor went offline.
+    VisitorGone {
+        site_id: String,
+        version: u64,
+        visitor_id: String,
+        reason: GoneReason,
+    },
+    /// Agents: an agent of the site changed availability.
+    AgentStatus {
+        site_id: String,
+        version: u64,
+        agent: AgentPresence,
+    },
+    /// Visitors: whether an agent of the site is available to chat.
+    Availability {
+        agents_available: bool,
+    },
+    /// Someone is typing (or stopped). Previews reach agents only.
+    Typing {
+        visitor_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        conversation_id: Option<String>,
+        from: Party,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent_id: Option<String>,
+        typing: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        preview: Option<String>,
+    },
+    /// A participant has read a conversation up to `seq`.
+    Read {
+        conversation_id: String,
+        by: Party,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        agent_id: Option<String>,
+        seq: u64,
     },
     Ping,
     Pong,

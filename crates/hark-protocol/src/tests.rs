@@ -173,6 +173,8 @@ fn arb_client_frame() -> impl Strategy<Value = ClientFrame> {
                         seq
                     })
                     .collect(),
+                page: None,
+                presence: Vec::new(),
             }),
         (s, proptest::option::of(s), any::<String>()).prop_map(
             |(client_id, conversation_id, text)| {

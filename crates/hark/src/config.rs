@@ -67,6 +67,23 @@ pub struct Limits {
     pub drain_secs: u64,
     /// Largest jitter, in milliseconds, of the reconnect delay given to drained clients.
     pub reconnect_jitter_ms: u64,
+    /// Milliseconds between pings to visitors. Shorter than agents': a visitor whose network
+    /// vanished must leave the visitor list within 10 s, and silence is the only sign of it.
+    pub visitor_heartbeat_ms: u64,
+    /// Milliseconds without any frame after which a visitor connection's presence lease ends
+    /// (it leaves the visitor list at once) and the connection is closed.
+    pub visitor_lease_ms: u64,
+    /// Milliseconds a visitor whose last tab closed stays listed, so that moving to the next
+    /// page does not flap it out and back in.
+    pub presence_grace_ms: u64,
+    /// Seconds without console activity after which an available agent shows as away.
+    pub agent_away_after_secs: u64,
+    /// Typing frames per second per connection (excess ones are dropped: the next supersedes).
+    pub typing_per_sec: u32,
+    pub typing_burst: u32,
+    /// Outbound frames queued per agent connection: agents also receive the visitor list's
+    /// deltas, which come in bursts while a long snapshot is being written.
+    pub agent_outbound_queue: usize,
 }
 
 impl Default for Limits {
@@ -89,6 +106,13 @@ impl Default for Limits {
             hello_timeout_secs: 10,
             drain_secs: 10,
             reconnect_jitter_ms: 5_000,
+            visitor_heartbeat_ms: 2_500,
+            visitor_lease_ms: 6_000,
+            presence_grace_ms: 3_000,
+            agent_away_after_secs: 600,
+            typing_per_sec: 4,
+            typing_burst: 8,
+            agent_outbound_queue: 8_192,
         }
     }
 }
@@ -105,6 +129,21 @@ impl Limits {
     }
     pub fn drain(&self) -> Duration {
         Duration::from_secs(self.drain_secs)
+    }
+    pub fn visitor_heartbeat(&self) -> Duration {
+        Duration::from_millis(self.visitor_heartbeat_ms.max(100))
+    }
+    pub fn visitor_lease(&self) -> Duration {
+        Duration::from_millis(self.visitor_lease_ms.max(200))
+    }
+    pub fn presence(&self) -> crate::presence::PresenceConfig {
+        crate::presence::PresenceConfig {
+            visitor_lease: self.visitor_lease(),
+            agent_lease: self.idle_timeout(),
+            grace: Duration::from_millis(self.presence_grace_ms),
+            away_after: Duration::from_secs(self.agent_away_after_secs.max(1)),
+            ..Default::default()
+        }
     }
 }
 
@@ -128,6 +167,11 @@ pub struct Config {
     /// Public base URL, when Hark sits behind a proxy (for printed links and snippets).
     pub public_url: Option<String>,
     pub log_format: LogFormat,
+    /// A MaxMind GeoIP2/GeoLite2 City or Country database (`.mmdb`): visitors' approximate place.
+    pub geoip: Option<PathBuf>,
+    /// Take the client's address from the proxy's `X-Forwarded-For` (right-most entry) or
+    /// `X-Real-IP` instead of the socket peer. Only behind a proxy that sets them.
+    pub trust_proxy: bool,
     pub limits: Limits,
 }
 
@@ -140,6 +184,8 @@ impl Default for Config {
             nats: Vec::new(),
             public_url: None,
             log_format: LogFormat::Text,
+            geoip: None,
+            trust_proxy: false,
             limits: Limits::default(),
         }
     }
@@ -155,6 +201,8 @@ pub struct FileConfig {
     pub nats: Option<Vec<String>>,
     pub public_url: Option<String>,
     pub log_format: Option<LogFormat>,
+    pub geoip: Option<PathBuf>,
+    pub trust_proxy: Option<bool>,
     pub limits: Option<Limits>,
 }
 
@@ -167,6 +215,8 @@ pub struct Overrides {
     pub nats: Option<String>,
     pub public_url: Option<String>,
     pub log_format: Option<LogFormat>,
+    pub geoip: Option<PathBuf>,
+    pub trust_proxy: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +268,11 @@ impl Config {
             nats,
             public_url: over.public_url.or(file.public_url),
             log_format: over.log_format.or(file.log_format).unwrap_or(d.log_format),
+            geoip: over.geoip.or(file.geoip),
+            trust_proxy: over
+                .trust_proxy
+                .or(file.trust_proxy)
+                .unwrap_or(d.trust_proxy),
             limits: file.limits.unwrap_or(d.limits),
         };
         cfg.validate()?;
@@ -250,6 +305,17 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "limits.outbound_queue, commit_queue, commit_batch and in_flight_sends must be > 0"
                     .into(),
+            ));
+        }
+        if l.visitor_lease_ms < 2 * l.visitor_heartbeat_ms {
+            return Err(ConfigError::Invalid(
+                "limits.visitor_lease_ms must be at least twice limits.visitor_heartbeat_ms (a lease must survive one lost ping)"
+                    .into(),
+            ));
+        }
+        if l.agent_outbound_queue < l.outbound_queue {
+            return Err(ConfigError::Invalid(
+                "limits.agent_outbound_queue must be at least limits.outbound_queue".into(),
             ));
         }
         if l.outbound_queue < l.commit_batch {
@@ -312,6 +378,35 @@ mod tests {
         assert_eq!(c.nats, vec!["nats://x:1", "nats://y:2"]);
         assert_eq!(c.limits.outbound_queue, 2048);
         assert_eq!(c.limits.commit_batch, Limits::default().commit_batch);
+    }
+
+    #[test]
+    fn geoip_and_trust_proxy_layer_like_the_rest() {
+        let d = Config::layer(FileConfig::default(), Overrides::default()).unwrap();
+        assert_eq!((d.geoip, d.trust_proxy), (None, false));
+
+        let file = || -> FileConfig {
+            toml::from_str(
+                r#"
+                geoip = "/srv/GeoLite2-City.mmdb"
+                trust_proxy = true
+                "#,
+            )
+            .unwrap()
+        };
+        let c = Config::layer(file(), Overrides::default()).unwrap();
+        assert_eq!(c.geoip, Some(PathBuf::from("/srv/GeoLite2-City.mmdb")));
+        assert!(c.trust_proxy);
+
+        // Flags/environment beat the file, including an explicit `--trust-proxy=false`.
+        let over = Overrides {
+            geoip: Some("/opt/GeoLite2-Country.mmdb".into()),
+            trust_proxy: Some(false),
+            ..Overrides::default()
+        };
+        let c = Config::layer(file(), over).unwrap();
+        assert_eq!(c.geoip, Some(PathBuf::from("/opt/GeoLite2-Country.mmdb")));
+        assert!(!c.trust_proxy);
     }
 
     #[test]

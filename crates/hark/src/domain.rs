@@ -265,6 +265,9 @@ impl Agent {
 pub struct Visitor {
     pub id: VisitorId,
     pub site_id: SiteId,
+    /// What the visitor told us (pre-chat form, identity); `None` until then.
+    pub name: Option<String>,
+    pub email: Option<Email>,
     pub created_at: i64,
 }
 

@@ -17,6 +17,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod gateway;
+pub mod presence;
 pub mod rate;
 pub mod server;
 pub mod store;

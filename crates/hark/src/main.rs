@@ -63,6 +63,20 @@ struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, env = "HARK_LOG_FORMAT", value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
+    /// MaxMind GeoIP2/GeoLite2 City or Country database (.mmdb) for visitors' locations.
+    #[arg(long, env = "HARK_GEOIP")]
+    geoip: Option<PathBuf>,
+    /// Take client addresses from X-Forwarded-For (right-most entry) or X-Real-IP, as set by the
+    /// reverse proxy in front of Hark. `--trust-proxy` alone means true.
+    #[arg(
+        long,
+        env = "HARK_TRUST_PROXY",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new(),
+    )]
+    trust_proxy: Option<bool>,
 }
 
 #[derive(Subcommand)]
@@ -119,6 +133,8 @@ fn load_config(store: &StoreArgs, serve: Option<&ServeArgs>) -> anyhow::Result<C
         nats: serve.and_then(|s| s.nats.clone()),
         public_url: serve.and_then(|s| s.public_url.clone()),
         log_format: serve.and_then(|s| s.log_format),
+        geoip: serve.and_then(|s| s.geoip.clone()),
+        trust_proxy: serve.and_then(|s| s.trust_proxy),
     };
     Ok(Config::load(store.config.as_deref(), over)?)
 }
@@ -220,7 +236,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Ok((soft, hard)) => tracing::info!(soft, hard, "open files limit"),
         Err(e) => tracing::warn!(error = %e, "could not read the open files limit"),
     }
-    let data_dir = config.data_dir.clone();
+    // Where `hark admin` must look to reach this node's data; never the database password.
+    let store_flag = match &config.database {
+        Some(_) => "--database <the same postgres:// URL>".to_owned(),
+        None => format!("--data-dir {}", config.data_dir.display()),
+    };
     let public = config.public_url.clone();
     let server = Server::build(config).await?;
     let addr = server.local_addr();
@@ -229,8 +249,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("Hark is running at {url}  (try a chat by hand: {url}/try)");
     if agents == 0 {
         println!(
-            "No agents yet. Create the first admin (it asks for a password):\n  hark admin --data-dir {} create-agent --email you@example.com --name 'Your Name' --role admin",
-            data_dir.display()
+            "No agents yet. Create the first admin (it asks for a password):\n  hark admin {store_flag} create-agent --email you@example.com --name 'Your Name' --role admin"
         );
     }
     server.run(shutdown_signal()).await?;
@@ -277,4 +296,32 @@ fn main() -> anyhow::Result<()> {
             Command::Admin { store, command } => admin(store, command).await,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let argv = ["hark", "serve"].iter().chain(args);
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Serve(a)) => a,
+            _ => panic!("`hark serve {args:?}` does not parse"),
+        }
+    }
+
+    #[test]
+    fn trust_proxy_and_geoip_flags_parse() {
+        Cli::command().debug_assert();
+        assert_eq!(serve_args(&["--trust-proxy"]).trust_proxy, Some(true));
+        assert_eq!(
+            serve_args(&["--trust-proxy=false"]).trust_proxy,
+            Some(false)
+        );
+        assert_eq!(serve_args(&["--trust-proxy=1"]).trust_proxy, Some(true));
+        let a = serve_args(&["--trust-proxy", "--geoip", "/srv/GeoLite2-City.mmdb"]);
+        assert_eq!(a.trust_proxy, Some(true));
+        assert_eq!(a.geoip, Some(PathBuf::from("/srv/GeoLite2-City.mmdb")));
+    }
 }

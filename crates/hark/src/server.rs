@@ -19,12 +19,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::VisitorTokens;
-use crate::bus::{Bus, LocalBus};
+use crate::bus::{Bus, LocalBus, NatsBus};
 use crate::config::Config;
 use crate::delivery::committer::Committer;
 use crate::delivery::hub::Hub;
 use crate::gateway;
 use crate::gateway::error::ApiError;
+use crate::presence::client_info::GeoIp;
+use crate::presence::Presence;
 use crate::rate::TokenBucket;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -40,8 +42,12 @@ pub enum StartError {
     },
     #[error("{0}")]
     Unsupported(String),
+    #[error("joining the cluster bus: {0}")]
+    Bus(#[from] crate::bus::nats::NatsError),
     #[error("serving: {0}")]
     Serve(std::io::Error),
+    #[error("{0}")]
+    GeoIp(#[from] crate::presence::client_info::GeoIpError),
 }
 
 /// Admission control for new realtime connections: a rate of new connections per second and a
@@ -85,6 +91,8 @@ pub struct AppInner {
     pub config: Config,
     pub store: Arc<dyn Store>,
     pub hub: Hub,
+    /// Who is online: visitor list and agent availability, as leases.
+    pub presence: Presence,
     pub bus: Arc<dyn Bus>,
     pub committer: Committer,
     pub tokens: VisitorTokens,
@@ -170,13 +178,32 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
 
 /// Opens the store the configuration names.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StartError> {
-    if config.database.is_some() {
-        return Err(StartError::Unsupported(
-            "--database (PostgreSQL) is not available in this build yet; leave it out to use the embedded store".into(),
-        ));
+    if let Some(url) = &config.database {
+        let url = url.expose();
+        // A malformed URL is the operator's mistake, not an outage: say so before connecting.
+        crate::store::postgres::check_url(url)
+            .map_err(|e| StartError::Unsupported(format!("--database: {e}")))?;
+        let store = crate::store::postgres::PostgresStore::open(
+            url,
+            crate::store::postgres::PostgresOptions::default(),
+        )
+        .await?;
+        return Ok(Arc::new(store));
     }
     let store = SqliteStore::open(&config.data_dir).await?;
     Ok(Arc::new(store))
+}
+
+/// The GeoIP database, when one is configured.
+fn open_geoip(config: &Config) -> Result<Option<GeoIp>, StartError> {
+    match &config.geoip {
+        None => Ok(None),
+        Some(path) => {
+            let geo = GeoIp::open(path)?;
+            tracing::info!(path = %path.display(), kind = geo.database_type(), "GeoIP database loaded");
+            Ok(Some(geo))
+        }
+    }
 }
 
 pub struct Server {
@@ -187,11 +214,6 @@ pub struct Server {
 
 impl Server {
     pub async fn build(config: Config) -> Result<Server, StartError> {
-        if !config.nats.is_empty() {
-            return Err(StartError::Unsupported(
-                "--nats (cluster fan-out) is not available in this build yet; leave it out to run one node".into(),
-            ));
-        }
         let store = open_store(&config).await?;
         let key = store
             .secret(
@@ -206,8 +228,17 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        // The recorder first: metrics set while connecting (the bus's state) must not be lost.
+        let metrics = metrics_handle();
         let hub = Hub::new();
-        let bus: Arc<dyn Bus> = Arc::new(LocalBus::new(hub.clone()));
+        // One node needs no bus; with NATS servers given, the node joins a cluster.
+        let (bus, nats): (Arc<dyn Bus>, _) = if config.nats.is_empty() {
+            (Arc::new(LocalBus::new(hub.clone())), None)
+        } else {
+            let bus = NatsBus::connect(&config.nats, hub.clone(), store.clone()).await?;
+            let link = (bus.client(), bus.incarnation());
+            (Arc::new(bus), Some(link))
+        };
         let (committer, committer_task) = Committer::spawn(
             store.clone(),
             bus.clone(),
@@ -222,8 +253,12 @@ impl Server {
             n => n,
         };
         let admission = Admission::new(config.limits.accepts_per_sec, max_connections);
-        let metrics = metrics_handle();
         let shutdown = CancellationToken::new();
+        let presence = Presence::new(hub.clone(), config.limits.presence(), open_geoip(&config)?);
+        presence.spawn_sweeper(shutdown.clone());
+        if let Some((client, node)) = nats {
+            crate::presence::cluster::start(presence.clone(), client, node, shutdown.clone());
+        }
         // Histogram samples are kept raw until an upkeep folds them in; without a scraper they
         // would grow without bound, so fold them in regularly.
         let upkeep = metrics.clone();
@@ -241,6 +276,7 @@ impl Server {
             config,
             store,
             hub,
+            presence,
             bus,
             committer,
             tokens: VisitorTokens::new(key),

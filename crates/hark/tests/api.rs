@@ -901,6 +901,146 @@ async fn agents_see_nothing_of_other_sites() {
 }
 
 #[tokio::test]
+async fn search_finds_messages_of_visible_sites_only() {
+    let (server, api, admin) = start().await;
+    let a = api.create_site(&admin, "A").await;
+    let b = api.create_site(&admin, "B").await;
+    let (a_id, b_id) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+    let (va, conv_a) = conversation(&server, site_id(&a)).await;
+    let (vb, conv_b) = conversation(&server, site_id(&b)).await;
+    api.create_agent(&admin, "ada@example.com", "ada password", &[a_id])
+        .await;
+    let agent = api.token("ada@example.com", "ada password").await;
+    let send =
+        |conv: hark::domain::ConversationId, visitor: hark::domain::VisitorId, text: &str| {
+            hark::store::NewMessage {
+                conversation_id: conv,
+                sender: hark::domain::Sender::Visitor(visitor),
+                text: text.into(),
+                client_id: None,
+            }
+        };
+    // Two commits, so B's message is strictly the newer one.
+    server
+        .store
+        .append_batch(&[
+            send(conv_a.id, va.id, "Refund for order 17"),
+            send(conv_a.id, va.id, "unrelated"),
+        ])
+        .await
+        .unwrap();
+    let first = hark::domain::now_ms();
+    while hark::domain::now_ms() <= first {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    server
+        .store
+        .append_batch(&[send(conv_b.id, vb.id, "An ORDER on site B")])
+        .await
+        .unwrap();
+
+    let texts = |r: &Reply| -> Vec<String> {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        r.body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["text"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    // An agent finds only its sites' messages; an admin every site's, newest first.
+    let mine = api.get("/api/search?q=order", &agent).await;
+    assert_eq!(texts(&mine), vec!["Refund for order 17"]);
+    let hit = &mine.body["messages"][0];
+    assert_eq!(hit["conversation_id"], conv_a.id.to_string());
+    assert_eq!(hit["seq"], 1);
+    assert_eq!(hit["author"]["kind"], "visitor");
+    assert_eq!(
+        texts(&api.get("/api/search?q=order", &admin).await),
+        vec!["An ORDER on site B", "Refund for order 17"]
+    );
+    assert_eq!(
+        texts(&api.get("/api/search?q=ORDER%20refund", &admin).await),
+        vec!["Refund for order 17"],
+        "every word must match"
+    );
+    assert_eq!(
+        texts(
+            &api.get(&format!("/api/search?q=order&site_id={b_id}"), &admin)
+                .await
+        ),
+        vec!["An ORDER on site B"]
+    );
+    assert_eq!(
+        texts(&api.get("/api/search?q=order&limit=1", &admin).await),
+        vec!["An ORDER on site B"]
+    );
+    assert!(texts(&api.get("/api/search?q=%22%20OR%20*", &admin).await).is_empty());
+
+    // Another site's filter answers like an unknown site.
+    let foreign = api
+        .get(&format!("/api/search?q=order&site_id={b_id}"), &agent)
+        .await;
+    let unknown = api
+        .get(&format!("/api/search?q=order&site_id={}", uuid()), &agent)
+        .await;
+    assert_eq!(
+        (foreign.status, &foreign.body),
+        (StatusCode::NOT_FOUND, &unknown.body)
+    );
+
+    // Bad queries: stable codes.
+    let long = "a".repeat(257);
+    for (path, status, code) in [
+        (
+            "/api/search".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "query_empty",
+        ),
+        (
+            "/api/search?q=".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "query_empty",
+        ),
+        (
+            "/api/search?q=%20%20".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "query_empty",
+        ),
+        (
+            format!("/api/search?q={long}"),
+            StatusCode::BAD_REQUEST,
+            "query_too_long",
+        ),
+        (
+            "/api/search?q=order&limit=0".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            "/api/search?q=order&limit=201".to_owned(),
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+    ] {
+        let r = api.get(&path, &agent).await;
+        assert_eq!((r.status, r.code()), (status, code), "{path}: {}", r.body);
+    }
+    let longest = api
+        .get(&format!("/api/search?q={}", "a".repeat(256)), &agent)
+        .await;
+    assert_eq!(longest.status, StatusCode::OK, "256 bytes is allowed");
+    let anonymous = api
+        .call(Method::GET, "/api/search?q=order", None, None)
+        .await;
+    assert_eq!(
+        (anonymous.status, anonymous.code()),
+        (StatusCode::UNAUTHORIZED, "unauthenticated")
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn conversations_page_with_an_opaque_cursor() {
     let (server, api, admin) = start().await;
     let site = api.create_site(&admin, "Shop").await;
@@ -1419,11 +1559,14 @@ async fn openapi_document_describes_every_endpoint() {
         ("/api/agents", &["get", "post"]),
         ("/api/agents/{id}", &["patch"]),
         ("/api/conversations", &["get"]),
+        ("/api/search", &["get"]),
         ("/api/conversations/{id}", &["get"]),
         ("/api/conversations/{id}/messages", &["get", "post"]),
         ("/api/conversations/{id}/close", &["post"]),
         ("/api/conversations/{id}/reopen", &["post"]),
         ("/api/conversations/{id}/assign", &["post"]),
+        ("/api/conversations/{id}/read", &["get"]),
+        ("/api/visitors/{id}/conversations", &["post"]),
         ("/api/openapi.json", &["get"]),
     ];
     for (path, methods) in expected {

@@ -1,10 +1,18 @@
 //! The `Store` contract suite: every rule the trait's docs promise, written once against
-//! `Arc<dyn Store>` so that each implementation (SQLite today, PostgreSQL next) runs the same
-//! checks.
+//! `Arc<dyn Store>` so that each implementation (SQLite and PostgreSQL) runs the same checks.
 //!
 //! Each `check_*` function exercises one rule on a fresh, empty store. `store_suite!` expands to
 //! one `#[tokio::test]` per check for one backend; a new implementation adds a [`Backend`] (how
 //! to open a fresh store, and how to reopen it) and one `store_suite!` line at the bottom.
+//!
+//! PostgreSQL runs against the server named by `HARK_TEST_POSTGRES` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`; `scripts/test` starts one): every test creates
+//! a database with a random name and drops it at the end. No server is a failure, not a skip.
+//! The `postgres_cluster` module adds what only a shared server has: several nodes (separate
+//! pools) writing the same conversations at once, nodes migrating one database at once, and
+//! connections dying under load.
+
+mod common;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -12,10 +20,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hark::domain::*;
+use hark::store::postgres::{PostgresOptions, PostgresStore};
 use hark::store::sqlite::SqliteStore;
 use hark::store::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sqlx::Connection;
 
 // ---------------------------------------------------------------------------------------------
 // Backends and the suite macro.
@@ -67,6 +77,122 @@ impl Backend for SqliteBackend {
     }
 }
 
+/// A fresh PostgreSQL database with a random name, dropped (with `FORCE`, closing whatever is
+/// still connected) when the backend is dropped, also when the test panicked.
+pub struct PostgresBackend {
+    server: String,
+    name: String,
+    url: String,
+    /// As for SQLite: locked briefly, never across an `.await`.
+    opened: Mutex<Vec<PostgresStore>>,
+    /// Bounds how many PostgreSQL tests run at once (see [`PG_SLOTS`]).
+    _slot: tokio::sync::SemaphorePermit<'static>,
+}
+
+/// At most this many PostgreSQL tests at once, whatever the number of test threads: each holds
+/// pools of up to [`PG_POOL`] connections, and the server allows 100 in all by default.
+static PG_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+const PG_POOL: u32 = 8;
+
+use common::pg::{server_url as pg_server, with_database};
+
+async fn pg_admin(server: &str) -> sqlx::PgConnection {
+    match tokio::time::timeout(DEADLINE, sqlx::PgConnection::connect(server)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => panic!(
+            "PostgreSQL at {server} is needed for the PostgreSQL store tests (set \
+             HARK_TEST_POSTGRES, or run scripts/test, which starts one): {e}"
+        ),
+        Err(_) => panic!("PostgreSQL at {server} did not answer within {DEADLINE:?}"),
+    }
+}
+
+impl PostgresBackend {
+    pub async fn fresh() -> PostgresBackend {
+        let slot = PG_SLOTS
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let server = pg_server();
+        let name = format!("hark_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = pg_admin(&server).await;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .expect("create a test database");
+        let _ = admin.close().await;
+        PostgresBackend {
+            url: with_database(&server, &name),
+            server,
+            name,
+            opened: Mutex::default(),
+            _slot: slot,
+        }
+    }
+
+    fn options() -> PostgresOptions {
+        PostgresOptions {
+            max_connections: PG_POOL,
+            ..PostgresOptions::default()
+        }
+    }
+
+    /// A store of its own, like another node's: a separate pool on the same database.
+    pub async fn node(&self) -> PostgresStore {
+        let store = PostgresStore::open(&self.url, Self::options())
+            .await
+            .expect("open the PostgreSQL store");
+        self.opened.lock().expect("lock").push(store.clone());
+        store
+    }
+}
+
+impl Drop for PostgresBackend {
+    fn drop(&mut self) {
+        let (server, name) = (self.server.clone(), self.name.clone());
+        // Drop is not async and runs inside the test's runtime: a thread with a runtime of its
+        // own does the dropping, and the test waits for it so no database outlives its test.
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let mut admin = sqlx::PgConnection::connect(&server)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = admin.close().await;
+                Ok(())
+            })
+        })
+        .join();
+        // Never panic here: this may run while a failed test unwinds.
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}: {dropped:?}", self.name);
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for PostgresBackend {
+    async fn open(&self) -> Arc<dyn Store> {
+        Arc::new(self.node().await)
+    }
+
+    async fn reopen(&self, store: Arc<dyn Store>) -> Arc<dyn Store> {
+        drop(store);
+        let opened = std::mem::take(&mut *self.opened.lock().expect("lock"));
+        for s in opened {
+            s.close().await;
+        }
+        self.open().await
+    }
+}
+
 /// `store_suite!(name, || async { backend })` expands to `mod name` holding one `#[tokio::test]`
 /// per check, each on a fresh backend.
 macro_rules! store_suite {
@@ -92,6 +218,10 @@ macro_rules! store_suite {
                 check_secrets,
                 check_visitors_and_client_id_lookup,
                 check_random_batches_match_model,
+                check_read_marks,
+                check_concurrent_read_marks,
+                check_visitor_profile,
+                check_search_messages,
             );
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -987,6 +1117,10 @@ pub async fn check_list_conversations(store: Arc<dyn Store>) {
     let expect = |pred: &dyn Fn(&Conversation) -> bool| -> Vec<Conversation> {
         everything.iter().filter(|c| pred(c)).cloned().collect()
     };
+    // A threshold inside the list (several conversations share the burst's millisecond, so `>=`
+    // must include every one of them), and one past everything.
+    let since = everything[everything.len() / 2].updated_at;
+    let future = everything[0].updated_at + 60_000;
     let cases: Vec<(ConversationFilter, Vec<Conversation>)> = vec![
         (
             ConversationFilter {
@@ -1054,10 +1188,46 @@ pub async fn check_list_conversations(store: Arc<dyn Store>) {
             },
             expect(&|c| c.id == convs[4].id),
         ),
+        (
+            ConversationFilter {
+                updated_since: Some(since),
+                ..filter(100)
+            },
+            expect(&|c| c.updated_at >= since),
+        ),
+        (
+            ConversationFilter {
+                updated_since: Some(since),
+                site_ids: Some(vec![s3.id]),
+                status: Some(Status::Open),
+                ..filter(100)
+            },
+            expect(&|c| c.updated_at >= since && c.site_id == s3.id && c.status == Status::Open),
+        ),
+        (
+            ConversationFilter {
+                updated_since: Some(future),
+                ..filter(100)
+            },
+            vec![],
+        ),
+        (
+            ConversationFilter {
+                updated_since: Some(0),
+                ..filter(100)
+            },
+            everything.clone(),
+        ),
     ];
     assert_eq!(cases[1].1.len(), 4, "s1 has four conversations");
     assert_eq!(cases[5].1.len(), 2, "two are closed");
     assert_eq!(cases[6].1.len(), 2, "the visitor has two");
+    let recent = cases[9].1.len();
+    assert!(
+        recent > 0 && recent < everything.len(),
+        "updated_since splits the list: {recent} of {}",
+        everything.len()
+    );
     for (f, want) in &cases {
         assert_eq!(&list(store, f).await, want, "{f:?}");
         // Every page size walks the same list, each conversation exactly once.
@@ -1619,9 +1789,13 @@ pub async fn check_durable_across_reopen(backend: &dyn Backend) {
         .expect("create_session");
     let conv = new_conversation(&*store, &site).await;
     let visitor = store
-        .visitor(conv.visitor_id)
+        .set_visitor_profile(
+            conv.visitor_id,
+            Some("Grace".into()),
+            Some(email("grace@example.com")),
+        )
         .await
-        .expect("visitor")
+        .expect("set_visitor_profile")
         .expect("exists");
     let cid = ClientMsgId::new();
     let mut batch = vec![from_visitor(&conv, "first", Some(cid))];
@@ -1629,6 +1803,10 @@ pub async fn check_durable_across_reopen(backend: &dyn Backend) {
         batch.push(from_visitor(&conv, &format!("more {i}"), None));
     }
     append(&*store, &batch).await;
+    store
+        .mark_read(conv.id, agent.id.0, 4)
+        .await
+        .expect("mark_read");
     let closed = new_conversation(&*store, &site).await;
     append_one(&*store, from_visitor(&closed, "bye", None)).await;
     store
@@ -1689,6 +1867,18 @@ pub async fn check_durable_across_reopen(backend: &dyn Backend) {
     assert_eq!(conversation(&*store, closed.id).await, closed_before);
     assert_eq!(all_messages(&*store, conv.id).await, messages_before);
     assert_eq!(all_messages(&*store, closed.id).await, closed_messages);
+    assert_eq!(
+        store.read_marks(conv.id).await.expect("read_marks"),
+        vec![(agent.id.0, 4)]
+    );
+    assert_eq!(
+        store
+            .search_messages(None, "first", 10)
+            .await
+            .expect("search"),
+        vec![messages_before[0].clone()],
+        "the search index survives too"
+    );
     assert_eq!(
         store
             .message_by_client_id(visitor.id.0, cid)
@@ -1915,6 +2105,706 @@ pub async fn check_random_batches_match_model(store: Arc<dyn Store>) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 13. Read marks: raised, never lowered, clamped to the last message, per reader and conversation.
+
+async fn marks(store: &dyn Store, conv: ConversationId) -> HashMap<uuid::Uuid, Seq> {
+    let all = store.read_marks(conv).await.expect("read_marks");
+    let n = all.len();
+    let map: HashMap<uuid::Uuid, Seq> = all.into_iter().collect();
+    assert_eq!(map.len(), n, "one mark per reader");
+    map
+}
+
+pub async fn check_read_marks(store: Arc<dyn Store>) {
+    let store = &*store;
+    let site = new_site(store, "marks").await;
+    let conv = new_conversation(store, &site).await;
+    let other = new_conversation(store, &site).await;
+    let visitor = conv.visitor_id.0;
+    let agent = new_agent(store, "reader@example.com", vec![site.id])
+        .await
+        .id
+        .0;
+    let mark = |c: ConversationId, reader: uuid::Uuid, seq: Seq| async move {
+        store.mark_read(c, reader, seq).await.expect("mark_read")
+    };
+
+    assert!(marks(store, conv.id).await.is_empty(), "no marks at first");
+    // An empty conversation: any mark is clamped to 0.
+    assert_eq!(mark(conv.id, visitor, 3).await, Some(0));
+
+    let batch: Vec<NewMessage> = (0..5)
+        .map(|i| from_visitor(&conv, &format!("m{i}"), None))
+        .collect();
+    append(store, &batch).await;
+
+    assert_eq!(mark(conv.id, visitor, 3).await, Some(3), "raised");
+    assert_eq!(mark(conv.id, visitor, 2).await, Some(3), "never lowered");
+    assert_eq!(mark(conv.id, visitor, 3).await, Some(3), "same mark again");
+    assert_eq!(
+        mark(conv.id, agent, 100).await,
+        Some(5),
+        "clamped to last_seq"
+    );
+    assert_eq!(
+        mark(conv.id, agent, u64::MAX).await,
+        Some(5),
+        "even from the top of the range"
+    );
+    assert_eq!(
+        marks(store, conv.id).await,
+        HashMap::from([(visitor, 3), (agent, 5)])
+    );
+
+    // Unknown conversations store nothing.
+    let nowhere = ConversationId::new();
+    assert_eq!(mark(nowhere, visitor, 1).await, None);
+    assert!(marks(store, nowhere).await.is_empty());
+    // Marks belong to one conversation.
+    assert!(marks(store, other.id).await.is_empty());
+    append_one(store, from_visitor(&other, "elsewhere", None)).await;
+    assert_eq!(mark(other.id, agent, 1).await, Some(1));
+    assert_eq!(marks(store, other.id).await, HashMap::from([(agent, 1)]));
+    assert_eq!(marks(store, conv.id).await[&agent], 5, "unchanged");
+
+    // New messages lift the clamp; a closed conversation can still be read.
+    append(store, &batch).await;
+    assert_eq!(mark(conv.id, agent, 100).await, Some(10));
+    store
+        .set_status(conv.id, Status::Closed)
+        .await
+        .expect("set_status")
+        .expect("exists");
+    assert_eq!(mark(conv.id, visitor, 9).await, Some(9));
+    assert_eq!(
+        marks(store, conv.id).await,
+        HashMap::from([(visitor, 9), (agent, 10)])
+    );
+}
+
+/// Many marks for the same reader at once (several tabs, several nodes): the highest wins.
+pub async fn check_concurrent_read_marks(store: Arc<dyn Store>) {
+    let site = new_site(&*store, "marks race").await;
+    let conv = new_conversation(&*store, &site).await;
+    let batch: Vec<NewMessage> = (0..40)
+        .map(|i| from_visitor(&conv, &format!("m{i}"), None))
+        .collect();
+    append(&*store, &batch).await;
+    let reader = conv.visitor_id.0;
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let mut handles = Vec::new();
+    for t in 0..8u64 {
+        let store = store.clone();
+        let barrier = barrier.clone();
+        handles.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let mut returned = Vec::new();
+            // Interleaved seqs: task t marks t+1, t+9, t+17, … so every task both raises and
+            // arrives late.
+            for i in 0..5 {
+                let seq = t + 1 + 8 * i;
+                let got = store
+                    .mark_read(conv.id, reader, seq)
+                    .await
+                    .expect("mark_read")
+                    .expect("conversation exists");
+                assert!(got >= seq, "the stored mark is at least the one just set");
+                returned.push(got);
+            }
+            returned
+        }));
+    }
+    for h in handles {
+        let returned = h.await.expect("task");
+        assert!(
+            returned.windows(2).all(|w| w[0] <= w[1]),
+            "one reader's mark never goes down: {returned:?}"
+        );
+    }
+    assert_eq!(marks(&*store, conv.id).await, HashMap::from([(reader, 40)]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. Visitor profile.
+
+pub async fn check_visitor_profile(store: Arc<dyn Store>) {
+    let store = &*store;
+    let site = new_site(store, "profiles").await;
+    let v = store.create_visitor(site.id).await.expect("create_visitor");
+    let bystander = store.create_visitor(site.id).await.expect("create_visitor");
+    assert_eq!(
+        (v.name.clone(), v.email.clone()),
+        (None, None),
+        "anonymous at first"
+    );
+    assert_eq!(store.visitor(v.id).await.expect("visitor"), Some(v.clone()));
+
+    let set = |name: Option<&str>, mail: Option<&str>| {
+        let (name, mail) = (name.map(str::to_owned), mail.map(email));
+        async move {
+            store
+                .set_visitor_profile(v.id, name, mail)
+                .await
+                .expect("set_visitor_profile")
+                .expect("visitor exists")
+        }
+    };
+    let full = set(Some("Zoë Ω"), Some("Zoe@Example.com")).await;
+    assert_eq!(
+        full,
+        Visitor {
+            name: Some("Zoë Ω".into()),
+            email: Some(email("zoe@example.com")),
+            ..v.clone()
+        }
+    );
+    assert_eq!(store.visitor(v.id).await.expect("visitor"), Some(full));
+
+    let no_name = set(None, Some("zoe@example.com")).await;
+    assert_eq!(
+        (
+            no_name.name.as_deref(),
+            no_name.email.as_ref().map(Email::as_str)
+        ),
+        (None, Some("zoe@example.com")),
+        "None clears the name"
+    );
+    let cleared = set(None, None).await;
+    assert_eq!(cleared, v, "both cleared: as created");
+    assert_eq!(store.visitor(v.id).await.expect("visitor"), Some(v.clone()));
+    let named = set(Some("Ada"), None).await;
+    assert_eq!((named.name.as_deref(), named.email), (Some("Ada"), None));
+
+    assert_eq!(
+        store
+            .set_visitor_profile(VisitorId::new(), Some("Nobody".into()), None)
+            .await
+            .expect("set_visitor_profile"),
+        None,
+        "unknown visitor"
+    );
+    assert_eq!(
+        store.visitor(bystander.id).await.expect("visitor"),
+        Some(bystander),
+        "other visitors untouched"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 15. Full-text search.
+
+/// The lower-cased words of a text, as the search defines them (runs of letters and digits).
+fn words_of(text: &str) -> Vec<String> {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// The model: every message holding all the words of `query`, newest first.
+fn expected_search(all: &[Message], sites: Option<&[ConversationId]>, query: &str) -> Vec<Message> {
+    let want = words_of(query);
+    let mut hits: Vec<Message> = all
+        .iter()
+        .filter(|m| sites.is_none_or(|c| c.contains(&m.conversation_id)))
+        .filter(|m| {
+            let have = words_of(&m.text);
+            !want.is_empty() && want.iter().all(|w| have.contains(w))
+        })
+        .cloned()
+        .collect();
+    hits.sort_by_key(|m| std::cmp::Reverse((m.created_at, m.conversation_id, m.seq)));
+    hits
+}
+
+pub async fn check_search_messages(store: Arc<dyn Store>) {
+    let store = &*store;
+    let s1 = new_site(store, "search one").await;
+    let s2 = new_site(store, "search two").await;
+    let a = new_conversation(store, &s1).await;
+    let b = new_conversation(store, &s1).await;
+    let c = new_conversation(store, &s2).await;
+    let agent = Sender::Agent {
+        id: AgentId::new(),
+        name: "Ada".into(),
+    };
+    let search = |sites: Option<Vec<SiteId>>, q: &'static str, limit: u32| async move {
+        store
+            .search_messages(sites.as_deref(), q, limit)
+            .await
+            .unwrap_or_else(|e| panic!("search {q:?}: {e:?}"))
+    };
+    assert!(
+        search(None, "order", 10).await.is_empty(),
+        "nothing stored yet"
+    );
+
+    let mut all = Vec::new();
+    let batches: Vec<Vec<NewMessage>> = vec![
+        vec![
+            from_visitor(&a, "Where is my order?", Some(ClientMsgId::new())),
+            from_visitor(&b, "Order number 42, please", None),
+        ],
+        vec![msg(a.id, agent.clone(), "Your ORDER shipped today", None)],
+        vec![
+            from_visitor(&c, "An order on the other site", None),
+            from_visitor(&a, "Zoë's café order arrived", None),
+            from_visitor(&b, "refund please", None),
+        ],
+    ];
+    for batch in &batches {
+        let mut t = 0;
+        for o in append(store, batch).await {
+            let m = stored(&o);
+            t = m.created_at;
+            all.push(m);
+        }
+        tick_past(t).await;
+    }
+    let s1_convs = [a.id, b.id];
+    let s2_convs = [c.id];
+
+    let order = search(None, "order", 100).await;
+    assert_eq!(order, expected_search(&all, None, "order"));
+    assert_eq!(order.len(), 5, "whole words, any case, every site");
+    assert_eq!(order[0].text, "An order on the other site", "newest first");
+    assert_eq!(search(None, "ORDER", 100).await, order, "case-insensitive");
+    assert_eq!(
+        search(Some(vec![s1.id]), "order", 100).await,
+        expected_search(&all, Some(&s1_convs), "order")
+    );
+    assert_eq!(
+        search(Some(vec![s2.id]), "order", 100).await,
+        expected_search(&all, Some(&s2_convs), "order")
+    );
+    assert_eq!(search(Some(vec![s1.id, s2.id]), "order", 100).await, order);
+    assert!(search(Some(vec![]), "order", 100).await.is_empty());
+    assert!(search(Some(vec![SiteId::new()]), "order", 100)
+        .await
+        .is_empty());
+    assert_eq!(search(None, "order", 2).await, order[..2].to_vec(), "limit");
+    assert!(search(None, "order", 0).await.is_empty());
+
+    // Every word must match; a prefix is not a word; diacritics are kept.
+    assert_eq!(
+        search(None, "arrived order", 100).await,
+        expected_search(&all, None, "arrived order")
+    );
+    assert_eq!(search(None, "arrived order", 100).await.len(), 1);
+    assert!(search(None, "ord", 100).await.is_empty());
+    assert!(search(None, "order refund", 100).await.is_empty());
+    assert_eq!(search(None, "café", 100).await.len(), 1);
+    assert_eq!(search(None, "zoë", 100).await.len(), 1);
+    assert_eq!(search(None, "42", 100).await.len(), 1);
+
+    // What looks like query syntax is text: no error, and no operator takes effect.
+    for q in [
+        "!!! ???",
+        "   ",
+        "*",
+        "\"",
+        "NEAR(order",
+        "order OR refund",
+        "-order",
+    ] {
+        let got = store.search_messages(None, q, 100).await;
+        assert!(got.is_ok(), "{q:?}: {got:?}");
+    }
+    assert!(search(None, "!!! ???", 100).await.is_empty(), "no words");
+    assert!(
+        search(None, "order OR refund", 100).await.is_empty(),
+        "OR is a word"
+    );
+    assert_eq!(
+        search(None, "\"order\"", 100).await,
+        order,
+        "quotes are not syntax"
+    );
+    assert_eq!(
+        search(None, "order*", 100).await,
+        order,
+        "* is not a prefix operator"
+    );
+
+    // Closed conversations stay searchable; a group commit is indexed with its transaction.
+    store
+        .set_status(a.id, Status::Closed)
+        .await
+        .expect("set_status")
+        .expect("exists");
+    let bulk: Vec<NewMessage> = (0..300)
+        .map(|i| from_visitor(&b, &format!("bulk message {i}"), None))
+        .collect();
+    for o in append(store, &bulk).await {
+        all.push(stored(&o));
+    }
+    let got = search(None, "bulk", 1000).await;
+    assert_eq!(got, expected_search(&all, None, "bulk"));
+    assert_eq!(got.len(), 300);
+    assert_eq!(got[0].seq, conversation(store, b.id).await.last_seq);
+    assert_eq!(search(None, "order", 100).await, order);
+    assert_eq!(search(None, "bulk 299", 10).await.len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
 // The backends.
 
 store_suite!(sqlite, || async { SqliteBackend::fresh().await });
+store_suite!(postgres, || async { PostgresBackend::fresh().await });
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL as a cluster's store: what one process cannot show.
+
+mod postgres_cluster {
+    use super::*;
+
+    /// Several nodes (separate pools) append to the same conversations at once, in batches that
+    /// mix conversations in different orders, while every message is also retried on another
+    /// node at the same moment. Per conversation the seqs come out 1..=N with no gap and no
+    /// repeat, every client id is stored exactly once, and both sends of a pair see that one
+    /// message.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn nodes_append_concurrently_gap_free() {
+        const NODES: usize = 3;
+        const TASKS_PER_NODE: usize = 3;
+        const BATCHES: usize = 25;
+        let backend = PostgresBackend::fresh().await;
+        let mut nodes: Vec<Arc<dyn Store>> = Vec::new();
+        for _ in 0..NODES {
+            nodes.push(Arc::new(backend.node().await));
+        }
+        let site = new_site(&*nodes[0], "cluster").await;
+        let mut convs = Vec::new();
+        for _ in 0..4 {
+            convs.push(new_conversation(&*nodes[0], &site).await);
+        }
+        let tasks = NODES * TASKS_PER_NODE;
+        let barrier = Arc::new(tokio::sync::Barrier::new(tasks));
+        let mut handles = Vec::new();
+        for t in 0..tasks {
+            let home = nodes[t % NODES].clone();
+            let other = nodes[(t + 1) % NODES].clone();
+            let convs = convs.clone();
+            let barrier = barrier.clone();
+            handles.push(tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(t as u64);
+                let mut sent: Vec<Message> = Vec::new();
+                barrier.wait().await;
+                for b in 0..BATCHES {
+                    let size = rng.gen_range(1..=6);
+                    let batch: Vec<NewMessage> = (0..size)
+                        .map(|i| {
+                            let conv = &convs[rng.gen_range(0..convs.len())];
+                            from_visitor(conv, &format!("t{t} b{b} m{i}"), Some(ClientMsgId::new()))
+                        })
+                        .collect();
+                    // The same batch on two nodes at once: a client retrying on another node
+                    // while its first attempt is still in flight.
+                    let (a, b2) =
+                        tokio::join!(home.append_batch(&batch), other.append_batch(&batch));
+                    let (a, _) = a.expect("append on the home node");
+                    let (b2, _) = b2.expect("append on the other node");
+                    for ((m, x), y) in batch.iter().zip(&a).zip(&b2) {
+                        let stored = match (x, y) {
+                            (Appended::Stored(s), Appended::Duplicate(d))
+                            | (Appended::Duplicate(d), Appended::Stored(s)) => {
+                                assert_eq!(s, d, "both nodes name the same message");
+                                s.clone()
+                            }
+                            other => panic!("exactly one node stores a message: {other:?}"),
+                        };
+                        assert_stored_from(&stored, m);
+                        sent.push(stored);
+                    }
+                }
+                sent
+            }));
+        }
+        let mut acked: HashMap<ConversationId, Vec<Message>> = HashMap::new();
+        let mut total = 0;
+        for h in handles {
+            let sent = tokio::time::timeout(DEADLINE * 6, h)
+                .await
+                .expect("writers finish")
+                .expect("writer task");
+            total += sent.len();
+            for m in sent {
+                acked.entry(m.conversation_id).or_default().push(m);
+            }
+        }
+        let mut stored_total = 0;
+        for conv in &convs {
+            let mut mine = acked.remove(&conv.id).unwrap_or_default();
+            mine.sort_by_key(|m| m.seq);
+            let n = mine.len() as Seq;
+            assert!(n > 0, "every conversation got messages");
+            assert_eq!(
+                seqs(&mine),
+                (1..=n).collect::<Vec<_>>(),
+                "gap-free and unique"
+            );
+            // Every node reads the same, complete history.
+            for node in &nodes {
+                assert_eq!(
+                    all_messages(&**node, conv.id).await,
+                    mine,
+                    "stored as acked"
+                );
+                assert_eq!(conversation(&**node, conv.id).await.last_seq, n);
+            }
+            stored_total += mine.len();
+        }
+        assert_eq!(stored_total, total, "every acknowledged message is stored");
+    }
+
+    /// Nodes starting together on an empty database: all of them open, the schema is applied
+    /// once, and each node sees the others' writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn nodes_migrate_a_fresh_database_at_once() {
+        let backend = PostgresBackend::fresh().await;
+        let url = backend.url.clone();
+        let barrier = Arc::new(tokio::sync::Barrier::new(6));
+        let mut handles = Vec::new();
+        for _ in 0..6 {
+            let url = url.clone();
+            let barrier = barrier.clone();
+            handles.push(tokio::spawn(async move {
+                barrier.wait().await;
+                PostgresStore::open(&url, PostgresBackend::options()).await
+            }));
+        }
+        let mut nodes = Vec::new();
+        for h in handles {
+            let store = h.await.expect("task").expect("every node opens");
+            backend.opened.lock().expect("lock").push(store.clone());
+            nodes.push(store);
+        }
+        let files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+            .expect("migrations dir")
+            .filter(|e| {
+                e.as_ref()
+                    .map(|e| e.path().extension().is_some_and(|x| x == "sql"))
+                    .unwrap_or(false)
+            })
+            .count();
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let (applied, failed): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE NOT success) FROM _sqlx_migrations",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("read the migrations table");
+        assert_eq!(
+            (applied, failed),
+            (files as i64, 0),
+            "each migration applied once"
+        );
+        let _ = conn.close().await;
+
+        let site = new_site(&nodes[0], "shared").await;
+        for node in &nodes {
+            assert_eq!(node.site(site.id).await.expect("site"), Some(site.clone()));
+        }
+    }
+
+    /// A node that finds the migration lock taken waits for it (and for nothing else), then
+    /// opens normally once it is released.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn opening_waits_for_the_migration_lock() {
+        let backend = PostgresBackend::fresh().await;
+        let mut holder = sqlx::PgConnection::connect(&backend.url)
+            .await
+            .expect("connect");
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(hark::store::postgres::MIGRATION_LOCK)
+            .execute(&mut holder)
+            .await
+            .expect("take the lock");
+        let url = backend.url.clone();
+        let opening =
+            tokio::spawn(
+                async move { PostgresStore::open(&url, PostgresBackend::options()).await },
+            );
+        // pg_locks shows a 64-bit advisory key as classid (high half) and objid (low half).
+        let key = hark::store::postgres::MIGRATION_LOCK;
+        let (hi, lo) = ((key >> 32) as u32 as i64, key as u32 as i64);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let (waiting,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND classid::bigint = $1 AND objid::bigint = $2 AND database = \
+                 (SELECT oid FROM pg_database WHERE datname = current_database())",
+            )
+            .bind(hi)
+            .bind(lo)
+            .fetch_one(&mut holder)
+            .await
+            .expect("read pg_locks");
+            if waiting == 1 {
+                break;
+            }
+            assert!(
+                !opening.is_finished(),
+                "opened while the migration lock was held"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the opening node never queued on the lock"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!opening.is_finished(), "still waiting for the lock");
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(key)
+            .execute(&mut holder)
+            .await
+            .expect("release the lock");
+        let store = tokio::time::timeout(DEADLINE, opening)
+            .await
+            .expect("opens once the lock is free")
+            .expect("task")
+            .expect("open");
+        backend.opened.lock().expect("lock").push(store.clone());
+        store.ping().await.expect("ping");
+        let _ = holder.close().await;
+    }
+
+    /// A server that cannot be reached, or whose connections are killed under load, or whose
+    /// database disappears: every failure is `Unavailable` (retryable), never a panic, and a
+    /// client retrying with its client ids ends with each message stored exactly once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn lost_connections_are_unavailable_and_retryable() {
+        // Nothing listens on port 1.
+        let refused = PostgresStore::open(
+            "postgres://postgres@127.0.0.1:1/hark",
+            PostgresBackend::options(),
+        )
+        .await;
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "unreachable server: {:?}",
+            refused.err()
+        );
+
+        let backend = PostgresBackend::fresh().await;
+        let store: Arc<dyn Store> = Arc::new(backend.node().await);
+        let site = new_site(&*store, "flaky").await;
+        let conv = new_conversation(&*store, &site).await;
+
+        // Writers retry each message with its client id until it is acknowledged, while the
+        // test kills every connection the store has, again and again. Each kill waits for some
+        // progress since the last one (so the writers cannot be starved on a slow machine), and
+        // the writers keep going until the last kill (so every kill meets them at work).
+        const KILLS: usize = 12;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let progress = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut writers = Vec::new();
+        for t in 0..4 {
+            let store = store.clone();
+            let conv = conv.clone();
+            let stop = stop.clone();
+            let progress = progress.clone();
+            writers.push(tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut failures = 0;
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    i += 1;
+                    let m = from_visitor(&conv, &format!("w{t} m{i}"), Some(ClientMsgId::new()));
+                    let deadline = Instant::now() + DEADLINE;
+                    loop {
+                        match store.append_batch(std::slice::from_ref(&m)).await {
+                            Ok((out, _)) => {
+                                match &out[0] {
+                                    Appended::Stored(s) | Appended::Duplicate(s) => {
+                                        assert_stored_from(s, &m);
+                                        acked.push(s.clone());
+                                    }
+                                    other => panic!("unexpected outcome {other:?}"),
+                                }
+                                break;
+                            }
+                            Err(StoreError::Unavailable(_)) => failures += 1,
+                            Err(e) => panic!("a lost connection must be Unavailable: {e:?}"),
+                        }
+                        assert!(Instant::now() < deadline, "the store never came back");
+                    }
+                    progress.fetch_add(1, std::sync::atomic::Ordering::Release);
+                }
+                (acked, failures)
+            }));
+        }
+        let mut admin = pg_admin(&backend.server).await;
+        let mut kills = 0i64;
+        for _ in 0..KILLS {
+            let seen = progress.load(std::sync::atomic::Ordering::Acquire);
+            let deadline = Instant::now() + DEADLINE;
+            while progress.load(std::sync::atomic::Ordering::Acquire) < seen + 4 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the writers stopped making progress"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()) t",
+            )
+            .bind(&backend.name)
+            .fetch_one(&mut admin)
+            .await
+            .expect("terminate backends");
+            kills += n;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        let mut acked = Vec::new();
+        let mut failures = 0;
+        for w in writers {
+            let (mine, failed) = tokio::time::timeout(DEADLINE * 3, w)
+                .await
+                .expect("writers finish")
+                .expect("writer task");
+            acked.extend(mine);
+            failures += failed;
+        }
+        assert!(kills > 0, "the test did kill connections");
+        assert!(
+            failures > 0,
+            "some calls met a killed connection (and retried)"
+        );
+
+        acked.sort_by_key(|m| m.seq);
+        let n = acked.len() as Seq;
+        assert!(n >= 4 * KILLS as Seq, "progress between kills: {n}");
+        assert_eq!(
+            all_messages(&*store, conv.id).await,
+            acked,
+            "each message stored once, gap-free, as acknowledged"
+        );
+        assert_eq!(seqs(&acked), (1..=n).collect::<Vec<_>>());
+
+        // The database vanishes: every call is Unavailable, none panics.
+        sqlx::query(&format!("DROP DATABASE \"{}\" WITH (FORCE)", backend.name))
+            .execute(&mut admin)
+            .await
+            .expect("drop the database");
+        let _ = admin.close().await;
+        let m = from_visitor(&conv, "into the void", Some(ClientMsgId::new()));
+        assert!(matches!(
+            store.append_batch(&[m]).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store.conversation(conv.id).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store.ping().await,
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            store.list_conversations(&filter(10)).await,
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+}

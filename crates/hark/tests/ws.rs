@@ -527,6 +527,8 @@ async fn forged_expired_and_foreign_visitor_tokens_are_refused() {
         v.send(&ClientFrame::Hello {
             token: Some(bad.clone()),
             resume: vec![],
+            page: None,
+            presence: Vec::new(),
         })
         .await;
         let (code, reason, frames) = v.closed().await;
@@ -664,6 +666,7 @@ async fn a_visitor_sees_its_messages_in_every_tab() {
 async fn a_consumer_that_stops_reading_is_cut_loose_and_others_are_unaffected() {
     let s = TestServer::start_with(|c| {
         c.limits.outbound_queue = 64;
+        c.limits.agent_outbound_queue = 64;
         c.limits.commit_batch = 32;
         c.limits.visitor_sends_per_sec = 100_000;
         c.limits.visitor_send_burst = 100_000;
@@ -716,8 +719,8 @@ async fn a_consumer_that_stops_reading_is_cut_loose_and_others_are_unaffected() 
 #[tokio::test]
 async fn a_silent_client_is_closed_by_the_heartbeat() {
     let s = TestServer::start_with(|c| {
-        c.limits.heartbeat_secs = 1;
-        c.limits.idle_timeout_secs = 2;
+        c.limits.visitor_heartbeat_ms = 1_000;
+        c.limits.visitor_lease_ms = 2_000;
     })
     .await;
     let (site, _) = site_with_agent(&s).await;

@@ -12,8 +12,9 @@ use std::time::Instant;
 use hark_protocol::ServerFrame;
 use tokio::sync::{mpsc, oneshot};
 
-use super::event::{Audience, Event, MessageEvent};
+use super::event::{Audience, Event, MessageEvent, Writer};
 use crate::bus::Bus;
+use crate::domain::Sender;
 use crate::store::{Appended, NewMessage, Store};
 
 /// The outcome of one send, as its sender learns it.
@@ -109,6 +110,11 @@ async fn run(
                                 },
                                 conversation_id: m.conversation_id,
                                 seq: m.seq,
+                                writer: match &m.sender {
+                                    Sender::Visitor(_) => Writer::Visitor,
+                                    Sender::Agent { id, .. } => Writer::Agent(*id),
+                                    Sender::System => Writer::System,
+                                },
                                 committed_at,
                                 frame: frame.into(),
                             })));

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use super::event::Event;
+use super::event::{Event, PresenceTargets, Targets};
 use super::outbox::{Outbox, PushError};
 use crate::domain::{SiteId, VisitorId};
 
@@ -52,6 +52,14 @@ struct Inner {
     hasher: std::collections::hash_map::RandomState,
     next_conn: AtomicU64,
     connections: AtomicU64,
+    /// Sees every event dispatched here before the connections do (the presence table, which
+    /// follows chats and read marks). Set once at start.
+    observer: std::sync::OnceLock<Arc<dyn Observer>>,
+}
+
+/// Something that watches the events this node dispatches.
+pub trait Observer: Send + Sync + 'static {
+    fn observe(&self, event: &Event);
 }
 
 /// Cheap handle; clone freely.
@@ -99,6 +107,7 @@ impl Hub {
                 hasher: Default::default(),
                 next_conn: AtomicU64::new(1),
                 connections: AtomicU64::new(0),
+                observer: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -177,20 +186,47 @@ impl Hub {
         }
     }
 
+    /// Sets the observer that sees every dispatched event; only the first call has an effect.
+    pub fn set_observer(&self, observer: Arc<dyn Observer>) {
+        let _ = self.inner.observer.set(observer);
+    }
+
     /// Hands `event` to every interested connection on this node without waiting.
     pub fn dispatch(&self, event: &Event) {
-        let aud = event.audience();
+        if let Some(o) = self.inner.observer.get() {
+            o.observe(event);
+        }
+        let site = event.site_id();
+        // (agents and admins?, one visitor's connections?, every visitor of the site?)
+        let (agents, visitor, all_visitors) = match event {
+            Event::Message(m) => (true, Some(m.audience.visitor_id), false),
+            Event::Conversation(c) => (true, Some(c.audience.visitor_id), false),
+            Event::CatchUp(c) => (true, Some(c.audience.visitor_id), false),
+            Event::Signal(s) => match s.targets {
+                Targets::AgentsAndVisitor => (true, Some(s.audience.visitor_id), false),
+                Targets::Agents => (true, None, false),
+            },
+            Event::Presence(p) => match p.targets {
+                PresenceTargets::Agents => (true, None, false),
+                PresenceTargets::Visitors => (false, None, true),
+            },
+        };
         let mut targets: Vec<Subscriber> = Vec::new();
         {
-            let g = lock(self.shard(&aud.site_id));
-            if let Some(s) = g.get(&aud.site_id) {
-                targets.extend(s.agents.iter().cloned());
-                if let Some(v) = s.visitors.get(&aud.visitor_id) {
+            let g = lock(self.shard(&site));
+            if let Some(s) = g.get(&site) {
+                if agents {
+                    targets.extend(s.agents.iter().cloned());
+                }
+                if let Some(v) = visitor.and_then(|v| s.visitors.get(&v)) {
                     targets.extend(v.iter().cloned());
+                }
+                if all_visitors {
+                    targets.extend(s.visitors.values().flatten().cloned());
                 }
             }
         }
-        {
+        if agents {
             let g = lock(&self.inner.everywhere);
             targets.extend(g.iter().cloned());
         }
@@ -241,6 +277,8 @@ mod tests {
             kind: hark_protocol::ConversationEvent::Opened,
             conversation_id: ConversationId::new(),
             last_seq: 0,
+            open: true,
+            assignee: None,
             frame: "{}".into(),
         }))
     }

@@ -113,6 +113,8 @@ mod tests {
             kind: hark_protocol::ConversationEvent::Opened,
             conversation_id: ConversationId::new(),
             last_seq: seq,
+            open: true,
+            assignee: None,
             frame: "{}".into(),
         }))
     }
@@ -121,6 +123,7 @@ mod tests {
         match e {
             Event::Conversation(c) => c.last_seq,
             Event::Message(m) => m.seq,
+            _ => 0,
         }
     }
 

@@ -66,6 +66,7 @@ pub fn routes() -> Router<App> {
         .route("/api/agents", get(list_agents).post(create_agent))
         .route("/api/agents/{id}", patch(update_agent))
         .route("/api/conversations", get(list_conversations))
+        .route("/api/search", get(search_messages))
         .route("/api/conversations/{id}", get(get_conversation))
         .route(
             "/api/conversations/{id}/messages",
@@ -74,6 +75,14 @@ pub fn routes() -> Router<App> {
         .route("/api/conversations/{id}/close", post(close_conversation))
         .route("/api/conversations/{id}/reopen", post(reopen_conversation))
         .route("/api/conversations/{id}/assign", post(assign_conversation))
+        .route(
+            "/api/conversations/{id}/read",
+            get(super::presence_api::read_marks),
+        )
+        .route(
+            "/api/visitors/{id}/conversations",
+            post(super::presence_api::start_chat),
+        )
         .route("/api/openapi.json", get(openapi_json))
         .route("/api/{*rest}", any(no_such_endpoint))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -258,7 +267,7 @@ fn public_base(app: &App, headers: &HeaderMap) -> String {
 // Small parsing helpers.
 
 /// A path id; anything malformed answers like an unknown id.
-fn path_id<T: FromStr>(raw: &str, what: &str) -> Result<T, ApiError> {
+pub(super) fn path_id<T: FromStr>(raw: &str, what: &str) -> Result<T, ApiError> {
     raw.parse().map_err(|_| ApiError::not_found(what))
 }
 
@@ -937,7 +946,7 @@ fn page_limit(limit: Option<u32>) -> Result<u32, ApiError> {
 
 /// A conversation the agent may see, or `not_found` (unknown, malformed and foreign look the
 /// same).
-async fn visible_conversation(
+pub(super) async fn visible_conversation(
     app: &App,
     me: &Agent,
     raw_id: &str,
@@ -999,6 +1008,7 @@ pub async fn list_conversations(
         site_ids,
         status,
         visitor_id,
+        updated_since: None,
         before,
         limit: limit + 1,
     };
@@ -1013,6 +1023,80 @@ pub async fn list_conversations(
     Ok(axum::Json(ConversationPage {
         conversations: convs.iter().map(Conversation::view).collect(),
         next_cursor,
+    }))
+}
+
+/// Longest search query, in bytes after trimming.
+pub const MAX_SEARCH_BYTES: usize = 256;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SearchQuery {
+    /// The words to find (all of them, whole words, any case); 1 to 256 bytes. Plain words:
+    /// quotes and operators are not query syntax.
+    pub q: Option<String>,
+    /// Only this site's messages.
+    pub site_id: Option<String>,
+    /// 1 to 200, default 50.
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<u32>,
+}
+
+/// Messages found by a search, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchResults {
+    #[schema(value_type = Vec<super::openapi::wire::MessageBody>)]
+    pub messages: Vec<MessageBody>,
+}
+
+/// Full-text search over the messages of the sites the agent can access (admins: every site),
+/// newest first.
+#[utoipa::path(
+    get,
+    path = "/api/search",
+    tag = "conversations",
+    security(("bearer" = []), ("cookie" = [])),
+    params(SearchQuery),
+    responses(
+        (status = 200, description = "The matching messages, newest first", body = SearchResults),
+        (status = 400, description = "`query_empty`, `query_too_long`, or a bad limit (`bad_request`)", body = ErrorBody),
+        (status = 401, description = "Not logged in", body = ErrorBody),
+        (status = 404, description = "`site_id` names no site the agent can access (`not_found`)", body = ErrorBody),
+    )
+)]
+pub async fn search_messages(
+    State(app): State<App>,
+    me: AuthedAgent,
+    ApiQuery(q): ApiQuery<SearchQuery>,
+) -> Result<axum::Json<SearchResults>, ApiError> {
+    let limit = page_limit(q.limit)?;
+    let text = q.q.as_deref().unwrap_or("").trim();
+    if text.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "query_empty",
+            "q: say what to search for",
+        ));
+    }
+    if text.len() > MAX_SEARCH_BYTES {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "query_too_long",
+            format!("q: at most {MAX_SEARCH_BYTES} bytes"),
+        ));
+    }
+    // The same tenancy rule as the conversation list.
+    let admin = me.agent.role == AgentRole::Admin;
+    let site_ids = match q.site_id.as_deref() {
+        None | Some("") => (!admin).then(|| me.agent.site_ids.clone()),
+        Some(raw) => Some(vec![visible_site(&app, &me.agent, raw).await?.id]),
+    };
+    let found = app
+        .store
+        .search_messages(site_ids.as_deref(), text, limit)
+        .await?;
+    Ok(axum::Json(SearchResults {
+        messages: found.iter().map(|m| m.body()).collect(),
     }))
 }
 
@@ -1152,7 +1236,56 @@ pub async fn post_message(
             "client_id must be a UUID",
         )
     })?;
-    let text = MessageText::parse(&req.text).map_err(|e| match e {
+    let text = text_field(&req.text)?;
+    let (message, duplicate) =
+        append_as_agent(&app, conv.id, &me.agent, text, ClientMsgId(client_id)).await?;
+    let status = if duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    let body = PostedMessage {
+        message: message.body(),
+        duplicate,
+    };
+    Ok((status, axum::Json(body)).into_response())
+}
+
+/// Appends an agent's message through the committer (the path WebSocket sends take) and maps
+/// every outcome to the API's answer: the stored message, and whether it had been sent before.
+pub(super) async fn append_as_agent(
+    app: &App,
+    conversation_id: ConversationId,
+    agent: &Agent,
+    text: MessageText,
+    client_id: ClientMsgId,
+) -> Result<(crate::domain::Message, bool), ApiError> {
+    let msg = NewMessage {
+        conversation_id,
+        sender: Sender::Agent {
+            id: agent.id,
+            name: agent.name.clone(),
+        },
+        text: text.into_string(),
+        client_id: Some(client_id),
+    };
+    match app.committer.append(msg).await {
+        Err(Overloaded) => Err(ApiError::overloaded(1)),
+        Ok(Outcome::Unavailable) => Err(ApiError::unavailable(1)),
+        Ok(Outcome::Appended(Appended::Stored(m))) => Ok((m, false)),
+        Ok(Outcome::Appended(Appended::Duplicate(m))) => Ok((m, true)),
+        Ok(Outcome::Appended(Appended::NotFound)) => Err(ApiError::not_found("conversation")),
+        Ok(Outcome::Appended(Appended::Closed)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::ConversationClosed.as_str(),
+            "the conversation is closed; reopen it first",
+        )),
+    }
+}
+
+/// Message text, or the error that says what is wrong with it.
+pub(super) fn text_field(raw: &str) -> Result<MessageText, ApiError> {
+    MessageText::parse(raw).map_err(|e| match e {
         TextError::Empty => ApiError::new(
             StatusCode::BAD_REQUEST,
             ErrorCode::TextEmpty.as_str(),
@@ -1166,37 +1299,7 @@ pub async fn post_message(
                 hark_protocol::MAX_TEXT_BYTES
             ),
         ),
-    })?;
-    let msg = NewMessage {
-        conversation_id: conv.id,
-        sender: Sender::Agent {
-            id: me.agent.id,
-            name: me.agent.name.clone(),
-        },
-        text: text.into_string(),
-        client_id: Some(ClientMsgId(client_id)),
-    };
-    let (status, message, duplicate) = match app.committer.append(msg).await {
-        Err(Overloaded) => return Err(ApiError::overloaded(1)),
-        Ok(Outcome::Unavailable) => return Err(ApiError::unavailable(1)),
-        Ok(Outcome::Appended(Appended::Stored(m))) => (StatusCode::CREATED, m, false),
-        Ok(Outcome::Appended(Appended::Duplicate(m))) => (StatusCode::OK, m, true),
-        Ok(Outcome::Appended(Appended::NotFound)) => {
-            return Err(ApiError::not_found("conversation"));
-        }
-        Ok(Outcome::Appended(Appended::Closed)) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                ErrorCode::ConversationClosed.as_str(),
-                "the conversation is closed; reopen it first",
-            ));
-        }
-    };
-    let body = PostedMessage {
-        message: message.body(),
-        duplicate,
-    };
-    Ok((status, axum::Json(body)).into_response())
+    })
 }
 
 /// Sets a visible conversation's status and tells live connections. Setting the status it

@@ -25,7 +25,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// Stable, machine-readable: `bad_request`, `unauthenticated`, `forbidden`, `csrf_failed`,
     /// `not_found`, `site_not_found`, `origin_not_allowed`, `conflict`, `invalid_credentials`,
-    /// `conversation_closed`, `payload_too_large`, `text_empty`, `text_too_long`, `invalid_client_id`, `rate_limited`,
+    /// `conversation_closed`, `payload_too_large`, `text_empty`, `text_too_long`, `invalid_client_id`,
+    /// `query_empty`, `query_too_long`, `rate_limited`,
     /// `overloaded`, `draining`, `unavailable`, `internal`.
     pub code: String,
     /// For people; may change.

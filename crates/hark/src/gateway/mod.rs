@@ -6,6 +6,7 @@ pub mod api;
 pub mod error;
 pub mod openapi;
 pub mod ops;
+pub mod presence_api;
 pub mod session;
 pub mod ws;
 

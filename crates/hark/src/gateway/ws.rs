@@ -7,18 +7,19 @@
 
 use std::collections::HashSet;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use hark_protocol::{
-    close, ClientFrame, ConversationEvent, ErrorCode, ErrorFrame, Limits as WireLimits,
-    ReconnectReason, ResumePoint, Role, ServerFrame, SessionInfo, DEFAULT_HISTORY_LIMIT,
-    MAX_FRAME_BYTES, MAX_HISTORY_LIMIT,
+    close, ClientFrame, ConversationEvent, ErrorCode, ErrorFrame, Limits as WireLimits, ListResume,
+    PageView, Party, ReconnectReason, ResumePoint, Role, ServerFrame, SessionInfo,
+    DEFAULT_HISTORY_LIMIT, MAX_FRAME_BYTES, MAX_HISTORY_LIMIT, MAX_PREVIEW_BYTES,
 };
 use rand::Rng;
 use serde::Deserialize;
@@ -28,11 +29,14 @@ use tokio_util::sync::CancellationToken;
 use super::error::ApiError;
 use super::session::authenticate;
 use crate::delivery::committer::{Outcome, Overloaded};
-use crate::delivery::event::{conversation_event, Event};
+use crate::delivery::event::{
+    conversation_event, Audience, CatchUp, Event, PresenceTargets, Signal, SignalKind, Targets,
+};
 use crate::delivery::hub::{ConnId, Interest, Subscriber};
 use crate::delivery::outbox::{outbox, Inbox};
 use crate::delivery::sequencer::{Delivered, Verdict};
 use crate::domain::*;
+use crate::presence::{AgentLease, ChatSeed, VisitorJoin, VisitorLease};
 use crate::rate::TokenBucket;
 use crate::server::App;
 use crate::store::{Appended, ConversationFilter, NewMessage, SeqRange, StoreError};
@@ -88,6 +92,7 @@ fn admissible(app: &App, ws: Upgrade) -> Result<WebSocketUpgrade, ApiError> {
 
 pub async fn visitor_upgrade(
     State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     Query(q): Query<VisitorQuery>,
     headers: HeaderMap,
     ws: Upgrade,
@@ -119,7 +124,18 @@ pub async fn visitor_upgrade(
         ));
     }
     let permit = app.admission.admit()?;
-    Ok(start(app, ws, Who::Visitor { site: site.id }, permit))
+    let client = Box::new(ClientFacts {
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| hark_protocol::truncate(s, 512)),
+        ip: crate::presence::client_info::client_ip(peer, &headers, app.config.trust_proxy),
+    });
+    let who = Who::Visitor {
+        site: site.id,
+        client,
+    };
+    Ok(start(app, ws, who, permit))
 }
 
 /// Completes the upgrade and runs the connection as a tracked task (so a drain can wait for it).
@@ -165,10 +181,30 @@ pub async fn agent_upgrade(
     Ok(start(app, ws, who, permit))
 }
 
+/// What the upgrade request said about a visitor's browser, for the visitor list.
+struct ClientFacts {
+    user_agent: Option<String>,
+    ip: std::net::IpAddr,
+}
+
 /// Who is on the other end, as known at the upgrade.
 enum Who {
-    Visitor { site: SiteId },
-    Agent { agent: Box<Agent>, session: String },
+    Visitor {
+        site: SiteId,
+        client: Box<ClientFacts>,
+    },
+    Agent {
+        agent: Box<Agent>,
+        session: String,
+    },
+}
+
+/// What `hello` carried.
+struct Hello {
+    token: Option<String>,
+    resume: Vec<ResumePoint>,
+    page: Option<PageView>,
+    lists: Vec<ListResume>,
 }
 
 /// Who is on the other end, after `hello`.
@@ -178,8 +214,49 @@ enum Peer {
         visitor: VisitorId,
         /// The visitor's open conversation as last seen, for sends that name none.
         open: Option<ConversationId>,
+        /// Boxed: presence state is rarely touched, and idle connections stay small.
+        side: Box<VisitorSide>,
     },
-    Agent(Box<Agent>),
+    Agent(Box<AgentSide>),
+}
+
+struct VisitorSide {
+    lease: VisitorLease,
+    typing: TokenBucket,
+}
+
+struct AgentSide {
+    agent: Agent,
+    lease: AgentLease,
+    typing: TokenBucket,
+    /// The version of each site's visitor list this console holds.
+    lists: std::collections::HashMap<SiteId, u64>,
+}
+
+impl Peer {
+    /// The connection was heard from: its presence lease goes on.
+    fn touch(&self) {
+        match self {
+            Peer::Visitor { side, .. } => side.lease.touch(),
+            Peer::Agent(a) => a.lease.touch(),
+        }
+    }
+
+    /// Whether the presence sweeper ended this connection's lease.
+    fn lease_expired(&self) -> bool {
+        match self {
+            Peer::Visitor { side, .. } => side.lease.is_expired(),
+            Peer::Agent(a) => a.lease.is_expired(),
+        }
+    }
+
+    fn typing_allowed(&mut self) -> bool {
+        let bucket = match self {
+            Peer::Visitor { side, .. } => &mut side.typing,
+            Peer::Agent(a) => &mut a.typing,
+        };
+        bucket.take(Instant::now()).is_ok()
+    }
 }
 
 /// Why a connection ends.
@@ -292,11 +369,16 @@ impl Conn {
     async fn serve(&mut self, who: Who) -> End {
         // The setup steps are boxed: an async fn's state is as large as its largest await point,
         // and every idle connection would otherwise carry the space of the rare, big ones.
-        let (token, resume) = match Box::pin(self.await_hello()).await {
+        let hello = match Box::pin(self.await_hello()).await {
             Ok(h) => h,
             Err(end) => return end,
         };
-        let (tx, mut rx) = outbox(self.app.config.limits.outbound_queue);
+        let l = &self.app.config.limits;
+        let capacity = match who {
+            Who::Visitor { .. } => l.outbound_queue,
+            Who::Agent { .. } => l.agent_outbound_queue,
+        };
+        let (tx, mut rx) = outbox(capacity);
         let sub = Subscriber {
             conn: self.id,
             tx,
@@ -304,12 +386,17 @@ impl Conn {
         };
         // Subscribe before reading the snapshot and the history, so nothing committed in
         // between can be missed; the sequencer drops what the snapshot already covered.
-        let (peer, _registration) = match Box::pin(self.welcome(who, token, sub)).await {
-            Ok(x) => x,
+        let (peer, _registration) =
+            match Box::pin(self.welcome(who, hello.token, hello.page, sub)).await {
+                Ok(x) => x,
+                Err(end) => return end,
+            };
+        let mut peer = peer;
+        let resumed = match Box::pin(self.resume(&peer, hello.resume)).await {
+            Ok(r) => r,
             Err(end) => return end,
         };
-        let mut peer = peer;
-        if let Err(end) = Box::pin(self.resume(&peer, resume)).await {
+        if let Err(end) = Box::pin(self.after_resume(&mut peer, resumed, hello.lists)).await {
             return end;
         }
         if let Err(end) = self
@@ -324,7 +411,7 @@ impl Conn {
         }
     }
 
-    async fn await_hello(&mut self) -> Result<(Option<String>, Vec<ResumePoint>), End> {
+    async fn await_hello(&mut self) -> Result<Hello, End> {
         let deadline = tokio::time::Instant::now() + self.app.config.limits.hello_timeout();
         let shutdown = self.app.shutdown.clone();
         loop {
@@ -342,7 +429,19 @@ impl Conn {
                 self.flush().await?;
             }
             match frame {
-                Some(ClientFrame::Hello { token, resume }) => return Ok((token, resume)),
+                Some(ClientFrame::Hello {
+                    token,
+                    resume,
+                    page,
+                    presence,
+                }) => {
+                    return Ok(Hello {
+                        token,
+                        resume,
+                        page,
+                        lists: presence,
+                    })
+                }
                 Some(ClientFrame::Ping) => {
                     self.write(Message::Text(Utf8Bytes::from_static(PONG)))
                         .await?
@@ -365,12 +464,14 @@ impl Conn {
         &mut self,
         who: Who,
         token: Option<String>,
+        page: Option<PageView>,
         sub: Subscriber,
     ) -> Result<(Peer, crate::delivery::hub::Registration), End> {
         let app = self.app.clone();
         let l = &app.config.limits;
+        let kick = sub.kick.clone();
         let (peer, registration, session, token, conversations, limits) = match who {
-            Who::Visitor { site } => {
+            Who::Visitor { site, client } => {
                 let visitor = match token {
                     Some(t) => {
                         let known = match app.tokens.verify(&t, site) {
@@ -378,7 +479,7 @@ impl Conn {
                             Err(_) => None,
                         };
                         match known {
-                            Some(v) => v.id,
+                            Some(v) => v,
                             None => {
                                 let e = ErrorFrame::new(
                                     ErrorCode::Unauthorized,
@@ -392,8 +493,13 @@ impl Conn {
                             }
                         }
                     }
-                    None => app.store.create_visitor(site).await?.id,
+                    None => app.store.create_visitor(site).await?,
                 };
+                let profile = (
+                    visitor.name.clone(),
+                    visitor.email.as_ref().map(|e| e.as_str().to_owned()),
+                );
+                let visitor = visitor.id;
                 let registration = app.hub.register(sub, Interest::Visitor { site, visitor });
                 let convs = app
                     .store
@@ -406,11 +512,34 @@ impl Conn {
                     })
                     .await?;
                 let open = convs.first().map(|c| c.id);
+                let chat = match convs.first() {
+                    Some(c) if !app.presence.is_listed(site, visitor) => {
+                        Box::pin(chat_seed(&app, c)).await?
+                    }
+                    _ => ChatSeed::default(),
+                };
+                let lease = app.presence.visitor_join(VisitorJoin {
+                    site,
+                    visitor,
+                    conn: self.id,
+                    kick,
+                    page,
+                    user_agent: client.user_agent,
+                    ip: Some(client.ip),
+                    name: profile.0,
+                    email: profile.1,
+                    chat,
+                });
+                let side = Box::new(VisitorSide {
+                    lease,
+                    typing: TokenBucket::new(l.typing_per_sec, l.typing_burst, Instant::now()),
+                });
                 (
                     Peer::Visitor {
                         site,
                         visitor,
                         open,
+                        side,
                     },
                     registration,
                     SessionInfo::Visitor {
@@ -449,8 +578,15 @@ impl Conn {
                     role: agent.role.as_str().to_owned(),
                     site_ids: agent.site_ids.iter().map(|s| s.to_string()).collect(),
                 };
+                let lease = app.presence.agent_join(&agent, self.id, kick);
+                let side = Box::new(AgentSide {
+                    agent: *agent,
+                    lease,
+                    typing: TokenBucket::new(l.typing_per_sec, l.typing_burst, Instant::now()),
+                    lists: Default::default(),
+                });
                 (
-                    Peer::Agent(agent),
+                    Peer::Agent(side),
                     registration,
                     session,
                     None,
@@ -471,7 +607,11 @@ impl Conn {
             session,
             token,
             conversations: conversations.iter().map(Conversation::view).collect(),
-            heartbeat_ms: l.heartbeat().as_millis() as u64,
+            heartbeat_ms: match peer {
+                Peer::Visitor { .. } => l.visitor_heartbeat(),
+                Peer::Agent(_) => l.heartbeat(),
+            }
+            .as_millis() as u64,
             limits: WireLimits {
                 max_frame_bytes: MAX_FRAME_BYTES,
                 max_text_bytes: hark_protocol::MAX_TEXT_BYTES,
@@ -483,8 +623,14 @@ impl Conn {
         Ok((peer, registration))
     }
 
-    /// Sends each resumed conversation's missed messages, in order.
-    async fn resume(&mut self, peer: &Peer, points: Vec<ResumePoint>) -> Result<(), End> {
+    /// Sends each resumed conversation's missed messages, in order. Returns the conversations
+    /// resumed.
+    async fn resume(
+        &mut self,
+        peer: &Peer,
+        points: Vec<ResumePoint>,
+    ) -> Result<Vec<Conversation>, End> {
+        let mut resumed = Vec::new();
         if points.len() > MAX_RESUME {
             let e = ErrorFrame::new(
                 ErrorCode::BadRequest,
@@ -527,6 +673,94 @@ impl Conn {
             };
             self.delivered.start_at(conv.id, from);
             self.backfill(conv.id, None).await?;
+            resumed.push(conv);
+        }
+        Ok(resumed)
+    }
+
+    /// What a client needs after its messages: visitors whether an agent is available, agents
+    /// their visitor lists; both the other side's read marks of the conversations resumed (and
+    /// a visitor's open one).
+    async fn after_resume(
+        &mut self,
+        peer: &mut Peer,
+        mut resumed: Vec<Conversation>,
+        lists: Vec<ListResume>,
+    ) -> Result<(), End> {
+        let app = self.app.clone();
+        match peer {
+            Peer::Visitor {
+                site,
+                visitor,
+                open,
+                ..
+            } => {
+                let available = app.presence.agents_available(*site);
+                self.send(&ServerFrame::Availability {
+                    agents_available: available,
+                })
+                .await?;
+                if let Some(c) = *open {
+                    if !resumed.iter().any(|r| r.id == c) {
+                        if let Some(conv) = app.store.conversation(c).await? {
+                            resumed.push(conv);
+                        }
+                    }
+                }
+                let me = visitor.0;
+                for conv in &resumed {
+                    self.send_read_marks(conv, me).await?;
+                }
+            }
+            Peer::Agent(side) => {
+                let me = side.agent.id.0;
+                for conv in &resumed {
+                    self.send_read_marks(conv, me).await?;
+                }
+                let mut sites = side.agent.site_ids.clone();
+                if side.agent.role == AgentRole::Admin {
+                    for s in app.presence.sites() {
+                        if !sites.contains(&s) {
+                            sites.push(s);
+                        }
+                    }
+                }
+                for site in sites {
+                    let held = lists.iter().find(|h| h.site_id == site.to_string());
+                    let (version, frames) = app.presence.list(site, held);
+                    side.lists.insert(site, version);
+                    for f in frames {
+                        self.feed(Message::Text(f.encode().into())).await?;
+                        self.dirty = true;
+                    }
+                }
+            }
+        }
+        if self.dirty {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The read marks of a conversation's other participants.
+    async fn send_read_marks(&mut self, conv: &Conversation, me: uuid::Uuid) -> Result<(), End> {
+        let marks = self.app.store.read_marks(conv.id).await?;
+        for (reader, seq) in marks {
+            if reader == me || seq == 0 {
+                continue;
+            }
+            let (by, agent_id) = if reader == conv.visitor_id.0 {
+                (Party::Visitor, None)
+            } else {
+                (Party::Agent, Some(reader.to_string()))
+            };
+            self.send(&ServerFrame::Read {
+                conversation_id: conv.id.to_string(),
+                by,
+                agent_id,
+                seq,
+            })
+            .await?;
         }
         Ok(())
     }
@@ -565,7 +799,10 @@ impl Conn {
 
     async fn live(&mut self, peer: &mut Peer, rx: &mut Inbox) -> Result<(), End> {
         let l = &self.app.config.limits;
-        let (beat, idle_timeout, in_flight) = (l.heartbeat(), l.idle_timeout(), l.in_flight_sends);
+        let (beat, idle_timeout, in_flight) = match peer {
+            Peer::Visitor { .. } => (l.visitor_heartbeat(), l.visitor_lease(), l.in_flight_sends),
+            Peer::Agent(_) => (l.heartbeat(), l.idle_timeout(), l.in_flight_sends),
+        };
         let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let shutdown = self.app.shutdown.clone();
@@ -577,6 +814,10 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = kick.cancelled() => {
+                    // The kick also ends a presence lease that ran out.
+                    if peer.lease_expired() {
+                        return Err(End::Close(close::HEARTBEAT_TIMEOUT.0, close::HEARTBEAT_TIMEOUT.1));
+                    }
                     return Err(End::Close(close::SLOW_CONSUMER.0, close::SLOW_CONSUMER.1));
                 }
                 _ = revoked.cancelled() => return Err(Box::pin(self.session_ended()).await),
@@ -598,6 +839,7 @@ impl Conn {
                     let Some(msg) = msg else { return Err(End::Gone) };
                     let msg = msg.map_err(read_error)?;
                     self.last_heard = Instant::now();
+                    peer.touch();
                     if let Some(frame) = self.decode(msg).await? {
                         Box::pin(self.on_frame(peer, frame)).await?;
                     }
@@ -623,9 +865,10 @@ impl Conn {
 
     /// Whether an agent's session still stands (not logged out, expired or disabled).
     async fn session_valid(&mut self, peer: &Peer) -> Result<bool, End> {
-        let (Some(hash), Peer::Agent(agent)) = (self.session.clone(), peer) else {
+        let (Some(hash), Peer::Agent(side)) = (self.session.clone(), peer) else {
             return Ok(true);
         };
+        let agent = &side.agent;
         let app = self.app.clone();
         let alive = app
             .store
@@ -690,7 +933,49 @@ impl Conn {
                 self.remember(c.conversation_id);
                 self.feed(Message::Text(c.frame.clone())).await
             }
+            Event::CatchUp(c) => Box::pin(self.catch_up(peer, c)).await,
+            Event::Signal(s) => self.feed(Message::Text(s.frame.clone())).await,
+            Event::Presence(p) => match (peer, p.targets) {
+                (Peer::Agent(side), PresenceTargets::Agents) => {
+                    // Deltas the list already covers (it was read after they were queued).
+                    let held = side.lists.entry(p.site_id).or_insert(0);
+                    if p.version <= *held {
+                        return Ok(());
+                    }
+                    *held = p.version;
+                    metrics::histogram!("hark_presence_fanout_seconds")
+                        .record(p.at.elapsed().as_secs_f64());
+                    self.feed(Message::Text(p.frame.clone())).await
+                }
+                (Peer::Visitor { .. }, PresenceTargets::Visitors) => {
+                    self.feed(Message::Text(p.frame.clone())).await
+                }
+                _ => Ok(()),
+            },
         }
+    }
+
+    /// Fetches from the store what the bus may have lost of a conversation (`event::CatchUp`).
+    async fn catch_up(&mut self, peer: &mut Peer, c: std::sync::Arc<CatchUp>) -> Result<(), End> {
+        if self.delivered.last(c.conversation_id).is_none() {
+            match &c.opened {
+                // Opened while events were lost: announce it as the lost event would have.
+                Some(opened) => {
+                    self.on_event(peer, Event::Conversation(opened.clone()))
+                        .await?
+                }
+                None => return Ok(()),
+            }
+        }
+        if self
+            .delivered
+            .last(c.conversation_id)
+            .is_some_and(|held| held < c.last_seq)
+        {
+            metrics::counter!("hark_delivery_catch_ups_total").increment(1);
+            self.backfill(c.conversation_id, None).await?;
+        }
+        Ok(())
     }
 
     async fn deliver(
@@ -732,12 +1017,220 @@ impl Conn {
                 self.on_history(peer, req_id, conversation_id, before_seq, after_seq, limit)
                     .await
             }
+            ClientFrame::Page(page) => match peer {
+                Peer::Visitor { side, .. } => {
+                    side.lease.page_view(page);
+                    Ok(())
+                }
+                Peer::Agent(_) => self.refuse("only visitors report pages").await,
+            },
+            ClientFrame::Identify { name, email } => {
+                Box::pin(self.on_identify(peer, name, email)).await
+            }
+            ClientFrame::Typing {
+                conversation_id,
+                typing,
+                preview,
+            } => Box::pin(self.on_typing(peer, conversation_id, typing, preview)).await,
+            ClientFrame::Read {
+                conversation_id,
+                seq,
+            } => Box::pin(self.on_read(peer, conversation_id, seq)).await,
+            ClientFrame::Status { status } => match peer {
+                Peer::Agent(side) => {
+                    self.app.presence.set_status(side.agent.id, status);
+                    Ok(())
+                }
+                Peer::Visitor { .. } => self.refuse("only agents have a status").await,
+            },
+            ClientFrame::Active => match peer {
+                Peer::Agent(side) => {
+                    self.app.presence.agent_active(side.agent.id);
+                    Ok(())
+                }
+                Peer::Visitor { .. } => self.refuse("only agents report activity").await,
+            },
             ClientFrame::Ping => {
                 self.write(Message::Text(Utf8Bytes::from_static(PONG)))
                     .await
             }
             ClientFrame::Pong => Ok(()),
         }
+    }
+
+    async fn refuse(&mut self, why: &str) -> Result<(), End> {
+        self.send(&ServerFrame::Error(ErrorFrame::new(
+            ErrorCode::BadRequest,
+            why,
+        )))
+        .await
+    }
+
+    async fn on_identify(
+        &mut self,
+        peer: &mut Peer,
+        name: Option<String>,
+        email: Option<String>,
+    ) -> Result<(), End> {
+        let Peer::Visitor { site, visitor, .. } = peer else {
+            return self.refuse("only visitors identify themselves").await;
+        };
+        let name = match name.as_deref().map(str::trim).filter(|n| !n.is_empty()) {
+            None => None,
+            Some(n) => match DisplayName::parse(n) {
+                Some(n) => Some(n.into_string()),
+                None => return self.refuse("name must be 1 to 200 characters").await,
+            },
+        };
+        let email = match email.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
+            None => None,
+            Some(e) => match Email::parse(e) {
+                Some(e) => Some(e),
+                None => return self.refuse("email is not a valid address").await,
+            },
+        };
+        let (site, visitor) = (*site, *visitor);
+        self.app
+            .store
+            .set_visitor_profile(visitor, name.clone(), email.clone())
+            .await?;
+        self.app
+            .presence
+            .set_profile(site, visitor, name, email.map(|e| e.as_str().to_owned()));
+        Ok(())
+    }
+
+    async fn on_typing(
+        &mut self,
+        peer: &mut Peer,
+        conversation_id: Option<String>,
+        typing: bool,
+        preview: Option<String>,
+    ) -> Result<(), End> {
+        if !peer.typing_allowed() {
+            // The next typing frame supersedes this one; clients expire stale indicators.
+            metrics::counter!("hark_typing_dropped_total").increment(1);
+            return Ok(());
+        }
+        if let Peer::Agent(side) = peer {
+            self.app.presence.agent_active(side.agent.id);
+        }
+        let conv = match conversation_id {
+            None => None,
+            Some(raw) => match raw.parse::<ConversationId>().ok() {
+                Some(c) if self.may_touch(peer, c).await? => Some(c),
+                _ => {
+                    let e = ErrorFrame::new(ErrorCode::NotFound, "no such conversation")
+                        .conversation_id(raw);
+                    return self.send(&ServerFrame::Error(e)).await;
+                }
+            },
+        };
+        let signal = match peer {
+            Peer::Visitor { site, visitor, .. } => Signal {
+                audience: Audience {
+                    site_id: *site,
+                    visitor_id: *visitor,
+                },
+                targets: Targets::Agents,
+                kind: SignalKind::Typing,
+                frame: ServerFrame::Typing {
+                    visitor_id: visitor.to_string(),
+                    conversation_id: conv.map(|c| c.to_string()),
+                    from: Party::Visitor,
+                    agent_id: None,
+                    typing,
+                    preview: preview
+                        .filter(|_| typing)
+                        .map(|p| hark_protocol::truncate(&p, MAX_PREVIEW_BYTES)),
+                }
+                .encode()
+                .into(),
+            },
+            Peer::Agent(side) => {
+                let Some(c) = conv else {
+                    return self.refuse("agents must name the conversation_id").await;
+                };
+                let Some(conv) = self.app.store.conversation(c).await? else {
+                    return Ok(());
+                };
+                // An agent's draft never leaves the console: no preview.
+                Signal {
+                    audience: Audience {
+                        site_id: conv.site_id,
+                        visitor_id: conv.visitor_id,
+                    },
+                    targets: Targets::AgentsAndVisitor,
+                    kind: SignalKind::Typing,
+                    frame: ServerFrame::Typing {
+                        visitor_id: conv.visitor_id.to_string(),
+                        conversation_id: Some(c.to_string()),
+                        from: Party::Agent,
+                        agent_id: Some(side.agent.id.to_string()),
+                        typing,
+                        preview: None,
+                    }
+                    .encode()
+                    .into(),
+                }
+            }
+        };
+        self.app.bus.publish(Event::Signal(Arc::new(signal)));
+        Ok(())
+    }
+
+    async fn on_read(&mut self, peer: &mut Peer, raw: String, seq: Seq) -> Result<(), End> {
+        if !peer.typing_allowed() {
+            let e = ErrorFrame::new(
+                ErrorCode::RateLimited,
+                "too many read receipts; retry later",
+            )
+            .conversation_id(raw)
+            .retry_after_ms(500);
+            return self.send(&ServerFrame::Error(e)).await;
+        }
+        let conv = match raw.parse::<ConversationId>().ok() {
+            Some(c) if self.may_touch(peer, c).await? => self.app.store.conversation(c).await?,
+            _ => None,
+        };
+        let Some(conv) = conv else {
+            let e =
+                ErrorFrame::new(ErrorCode::NotFound, "no such conversation").conversation_id(raw);
+            return self.send(&ServerFrame::Error(e)).await;
+        };
+        let (reader, by, agent_id) = match peer {
+            Peer::Visitor { visitor, .. } => (visitor.0, Party::Visitor, None),
+            Peer::Agent(side) => (
+                side.agent.id.0,
+                Party::Agent,
+                Some(side.agent.id.to_string()),
+            ),
+        };
+        let Some(mark) = self.app.store.mark_read(conv.id, reader, seq).await? else {
+            let e =
+                ErrorFrame::new(ErrorCode::NotFound, "no such conversation").conversation_id(raw);
+            return self.send(&ServerFrame::Error(e)).await;
+        };
+        let frame = ServerFrame::Read {
+            conversation_id: conv.id.to_string(),
+            by,
+            agent_id,
+            seq: mark,
+        };
+        self.app.bus.publish(Event::Signal(Arc::new(Signal {
+            audience: Audience {
+                site_id: conv.site_id,
+                visitor_id: conv.visitor_id,
+            },
+            targets: Targets::AgentsAndVisitor,
+            kind: SignalKind::Read {
+                conversation_id: conv.id,
+                by_agent: by == Party::Agent,
+                seq: mark,
+            },
+            frame: frame.encode().into(),
+        })));
+        Ok(())
     }
 
     async fn on_send(
@@ -747,6 +1240,9 @@ impl Conn {
         conversation_id: Option<String>,
         text: String,
     ) -> Result<(), End> {
+        if let Peer::Agent(side) = peer {
+            self.app.presence.agent_active(side.agent.id);
+        }
         let fail = |code, msg: &str| ErrorFrame::new(code, msg).client_id(client_id.clone());
         if let Err(wait) = self.sends.take(Instant::now()) {
             metrics::counter!("hark_sends_rate_limited_total").increment(1);
@@ -813,8 +1309,8 @@ impl Conn {
             sender: match peer {
                 Peer::Visitor { visitor, .. } => Sender::Visitor(*visitor),
                 Peer::Agent(a) => Sender::Agent {
-                    id: a.id,
-                    name: a.name.clone(),
+                    id: a.agent.id,
+                    name: a.agent.name.clone(),
                 },
             },
             text: text.into_string(),
@@ -892,6 +1388,7 @@ impl Conn {
             site,
             visitor,
             open,
+            ..
         } = peer
         else {
             return Err(End::Close(
@@ -1154,8 +1651,45 @@ impl Conn {
 fn may_see(peer: &Peer, conv: &Conversation) -> bool {
     match peer {
         Peer::Visitor { site, visitor, .. } => conv.visitor_id == *visitor && conv.site_id == *site,
-        Peer::Agent(a) => a.can_access(conv.site_id),
+        Peer::Agent(a) => a.agent.can_access(conv.site_id),
     }
+}
+
+/// A visitor's chat as the store has it, for a visitor not yet in the visitor list: who of the
+/// agents wrote in the open conversation, and which visitor messages no agent has read.
+async fn chat_seed(app: &App, conv: &Conversation) -> Result<ChatSeed, End> {
+    let marks = app.store.read_marks(conv.id).await?;
+    let mut agents_read = marks
+        .iter()
+        .filter(|(reader, _)| *reader != conv.visitor_id.0)
+        .map(|(_, seq)| *seq)
+        .max()
+        .unwrap_or(0);
+    let (msgs, _) = app
+        .store
+        .messages(conv.id, SeqRange::Latest, BACKFILL_PAGE)
+        .await?;
+    let mut writers = Vec::new();
+    for m in &msgs {
+        if let Sender::Agent { id, .. } = &m.sender {
+            if !writers.contains(id) {
+                writers.push(*id);
+            }
+            // An agent who answered has read what came before.
+            agents_read = agents_read.max(m.seq);
+        }
+    }
+    let unread = msgs
+        .iter()
+        .filter(|m| matches!(m.sender, Sender::Visitor(_)) && m.seq > agents_read)
+        .map(|m| m.seq)
+        .collect();
+    Ok(ChatSeed {
+        conversation: Some(conv.id),
+        assignee: conv.assignee_id,
+        writers,
+        unread,
+    })
 }
 
 fn ack(client_id: &str, m: &crate::domain::Message, duplicate: bool) -> ServerFrame {

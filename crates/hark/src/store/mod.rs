@@ -1,13 +1,14 @@
 //! The system of record. `Store` is the one interface through which Hark reads and writes durable
-//! state; nothing outside `store/` writes SQL. SQLite (embedded, one node) implements it today;
-//! PostgreSQL (cluster) implements the same trait and must pass the same suite
-//! (`tests/store_suite.rs`).
+//! state; nothing outside `store/` writes SQL. Two implementations pass the same suite
+//! (`tests/store_suite.rs`): SQLite (`sqlite.rs`, embedded, one node) and PostgreSQL
+//! (`postgres.rs`, shared by the nodes of a cluster).
 //!
 //! The contract that matters most is [`Store::append_batch`]: one transaction for many messages
 //! (group commit), a gap-free per-conversation `seq` assigned inside that transaction, and
 //! idempotency on `(author, client_id)`.
 
 pub mod batch;
+pub mod postgres;
 pub mod sqlite;
 mod sqlite_writer;
 
@@ -116,9 +117,20 @@ pub struct ConversationFilter {
     pub site_ids: Option<Vec<SiteId>>,
     pub status: Option<Status>,
     pub visitor_id: Option<VisitorId>,
+    /// Only conversations with `updated_at >= updated_since` (ms, like `updated_at`).
+    pub updated_since: Option<i64>,
     /// Keyset cursor: conversations updated strictly before (updated_at, id).
     pub before: Option<(i64, ConversationId)>,
     pub limit: u32,
+}
+
+/// The words of a search query that can match anything: those with a letter or digit. Both
+/// stores search for all of them; a query with none matches nothing.
+pub fn search_words(query: &str) -> Vec<&str> {
+    query
+        .split_whitespace()
+        .filter(|w| w.chars().any(char::is_alphanumeric))
+        .collect()
 }
 
 #[async_trait]
@@ -149,6 +161,13 @@ pub trait Store: Send + Sync + 'static {
 
     async fn create_visitor(&self, site_id: SiteId) -> StoreResult<Visitor>;
     async fn visitor(&self, id: VisitorId) -> StoreResult<Option<Visitor>>;
+    /// Replaces the visitor's name and email (`None` clears). `None` if there is no such visitor.
+    async fn set_visitor_profile(
+        &self,
+        id: VisitorId,
+        name: Option<String>,
+        email: Option<Email>,
+    ) -> StoreResult<Option<Visitor>>;
 
     /// The visitor's open conversation, opening one if there is none. `true` when it was opened now.
     async fn open_conversation(
@@ -196,4 +215,30 @@ pub trait Store: Send + Sync + 'static {
         range: SeqRange,
         limit: u32,
     ) -> StoreResult<(Vec<Message>, bool)>;
+
+    /// Messages whose text holds every word of `query` (whole words, case-insensitive), newest
+    /// first: by `created_at`, then conversation id and seq, descending. At most `limit`; only in
+    /// the conversations of `site_ids` when given (`Some(&[])`: none). A query without any
+    /// letter or digit matches nothing. Input is words, never query syntax.
+    async fn search_messages(
+        &self,
+        site_ids: Option<&[SiteId]>,
+        query: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>>;
+
+    /// Raises `reader_id`'s read mark in a conversation to `seq` (never lowers it) and returns the
+    /// mark now stored. `reader_id` is a visitor id or an agent id. `None` if there is no such conversation.
+    /// A `seq` past the conversation's last message is stored as its `last_seq`.
+    async fn mark_read(
+        &self,
+        conversation_id: ConversationId,
+        reader_id: uuid::Uuid,
+        seq: Seq,
+    ) -> StoreResult<Option<Seq>>;
+    /// Every reader's mark in one conversation.
+    async fn read_marks(
+        &self,
+        conversation_id: ConversationId,
+    ) -> StoreResult<Vec<(uuid::Uuid, Seq)>>;
 }

@@ -230,6 +230,19 @@ fn site_row(r: &SqliteRow) -> StoreResult<Site> {
     })
 }
 
+fn visitor_row(r: &SqliteRow) -> StoreResult<Visitor> {
+    let email: Option<String> = r.try_get("email").map_err(unavailable)?;
+    Ok(Visitor {
+        id: col(r, "id")?,
+        site_id: col(r, "site_id")?,
+        name: r.try_get("name").map_err(unavailable)?,
+        email: email
+            .map(|e| Email::parse(&e).ok_or_else(|| StoreError::Corrupt(format!("email={e:?}"))))
+            .transpose()?,
+        created_at: int(r, "created_at")?,
+    })
+}
+
 fn conversation_row(r: &SqliteRow) -> StoreResult<Conversation> {
     let status: String = r.try_get("status").map_err(unavailable)?;
     Ok(Conversation {
@@ -544,6 +557,8 @@ impl Store for SqliteStore {
         let v = Visitor {
             id: VisitorId::new(),
             site_id,
+            name: None,
+            email: None,
             created_at: now_ms(),
         };
         sqlx::query("INSERT INTO visitors (id, site_id, created_at) VALUES (?, ?, ?)")
@@ -562,14 +577,23 @@ impl Store for SqliteStore {
             .fetch_optional(&self.reader)
             .await
             .map_err(unavailable)?;
-        row.map(|r| {
-            Ok(Visitor {
-                id: col(&r, "id")?,
-                site_id: col(&r, "site_id")?,
-                created_at: int(&r, "created_at")?,
-            })
-        })
-        .transpose()
+        row.map(|r| visitor_row(&r)).transpose()
+    }
+
+    async fn set_visitor_profile(
+        &self,
+        id: VisitorId,
+        name: Option<String>,
+        email: Option<Email>,
+    ) -> StoreResult<Option<Visitor>> {
+        let row = sqlx::query("UPDATE visitors SET name = ?, email = ? WHERE id = ? RETURNING *")
+            .bind(name)
+            .bind(email.as_ref().map(Email::as_str))
+            .bind(id.to_string())
+            .fetch_optional(&self.writer)
+            .await
+            .map_err(unavailable)?;
+        row.map(|r| visitor_row(&r)).transpose()
     }
 
     async fn open_conversation(
@@ -633,6 +657,9 @@ impl Store for SqliteStore {
         }
         if let Some(v) = f.visitor_id {
             q.push(" AND visitor_id = ").push_bind(v.to_string());
+        }
+        if let Some(since) = f.updated_since {
+            q.push(" AND updated_at >= ").push_bind(since);
         }
         if let Some((at, id)) = f.before {
             q.push(" AND (updated_at < ")
@@ -758,5 +785,161 @@ impl Store for SqliteStore {
             out.reverse();
         }
         Ok((out, has_more))
+    }
+
+    async fn mark_read(
+        &self,
+        conversation_id: ConversationId,
+        reader_id: Uuid,
+        seq: Seq,
+    ) -> StoreResult<Option<Seq>> {
+        // One statement: the clamp to last_seq reads the conversation row the insert depends on,
+        // and the upsert's MAX keeps a late, lower mark (an old tab, a retry) from lowering it.
+        // No conversation: the SELECT yields no row, nothing is written, nothing returned.
+        let row = sqlx::query(
+            "INSERT INTO read_marks (conversation_id, reader_id, seq, updated_at) \
+             SELECT id, ?, MIN(?, last_seq), ? FROM conversations WHERE id = ? \
+             ON CONFLICT (conversation_id, reader_id) \
+             DO UPDATE SET seq = MAX(read_marks.seq, excluded.seq), updated_at = excluded.updated_at \
+             RETURNING seq",
+        )
+        .bind(reader_id.to_string())
+        .bind(i64::try_from(seq).unwrap_or(i64::MAX))
+        .bind(now_ms())
+        .bind(conversation_id.to_string())
+        .fetch_optional(&self.writer)
+        .await
+        .map_err(unavailable)?;
+        row.map(|r| Ok(int(&r, "seq")? as Seq)).transpose()
+    }
+
+    async fn read_marks(&self, conversation_id: ConversationId) -> StoreResult<Vec<(Uuid, Seq)>> {
+        let rows = sqlx::query(
+            "SELECT reader_id, seq FROM read_marks WHERE conversation_id = ? ORDER BY reader_id",
+        )
+        .bind(conversation_id.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(unavailable)?;
+        rows.iter()
+            .map(|r| Ok((col(r, "reader_id")?, int(r, "seq")? as Seq)))
+            .collect()
+    }
+
+    async fn search_messages(
+        &self,
+        site_ids: Option<&[SiteId]>,
+        query: &str,
+        limit: u32,
+    ) -> StoreResult<Vec<Message>> {
+        // Each word as a quoted FTS5 string: quotes, operators (AND, NEAR, *) and column filters
+        // typed by a user are then plain text, never query syntax or a syntax error.
+        let words = search_words(query);
+        if words.is_empty() || limit == 0 || site_ids.is_some_and(|s| s.is_empty()) {
+            return Ok(Vec::new());
+        }
+        let fts: Vec<String> = words
+            .iter()
+            .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
+            .collect();
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT m.* FROM message_text t \
+             JOIN message_index i ON i.rowid = t.rowid \
+             JOIN messages m ON m.conversation_id = i.conversation_id AND m.seq = i.seq ",
+        );
+        if let Some(sites) = site_ids {
+            q.push("JOIN conversations c ON c.id = m.conversation_id AND c.site_id IN (");
+            let mut sep = q.separated(", ");
+            for s in sites {
+                sep.push_bind(s.to_string());
+            }
+            q.push(") ");
+        }
+        q.push("WHERE message_text MATCH ")
+            .push_bind(fts.join(" "))
+            .push(" ORDER BY m.created_at DESC, m.conversation_id DESC, m.seq DESC LIMIT ")
+            .push_bind(i64::from(limit));
+        let rows = q
+            .build()
+            .fetch_all(&self.reader)
+            .await
+            .map_err(unavailable)?;
+        rows.iter().map(message_row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Migration 0003 indexes the messages stored before it, and messages written afterwards
+    /// are indexed beside them.
+    #[tokio::test]
+    async fn search_migration_indexes_existing_messages() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The migrations up to 0002, byte for byte, so the store later sees them as applied.
+        let early = tempfile::tempdir().expect("tempdir");
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
+        for f in ["0001_init.sql", "0002_read_marks_visitor_profile.sql"] {
+            std::fs::copy(src.join(f), early.path().join(f)).expect("copy a migration");
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(
+                SqliteConnectOptions::new()
+                    .filename(dir.path().join("hark.db"))
+                    .create_if_missing(true),
+            )
+            .await
+            .expect("pool");
+        sqlx::migrate::Migrator::new(early.path())
+            .await
+            .expect("migrator")
+            .run(&pool)
+            .await
+            .expect("migrate to 0002");
+        let (site, visitor, conv) = (SiteId::new(), VisitorId::new(), ConversationId::new());
+        for sql in [
+            format!("INSERT INTO sites (id, name, site_key, identity_secret, created_at) VALUES ('{site}', 's', 'hk_0123456789', 'x', 1)"),
+            format!("INSERT INTO visitors (id, site_id, created_at) VALUES ('{visitor}', '{site}', 1)"),
+            format!("INSERT INTO conversations (id, site_id, visitor_id, status, last_seq, created_at, updated_at) VALUES ('{conv}', '{site}', '{visitor}', 'open', 2, 1, 1)"),
+            format!("INSERT INTO messages (conversation_id, seq, id, author_kind, author_id, text, created_at) VALUES ('{conv}', 1, '{}', 'visitor', '{visitor}', 'hello from before', 1)", MessageId::new()),
+            format!("INSERT INTO messages (conversation_id, seq, id, author_kind, author_id, text, created_at) VALUES ('{conv}', 2, '{}', 'visitor', '{visitor}', 'hello again', 2)", MessageId::new()),
+        ] {
+            sqlx::query(&sql).execute(&pool).await.expect("seed a row");
+        }
+        pool.close().await;
+
+        let store = SqliteStore::open(dir.path())
+            .await
+            .expect("open and migrate");
+        let seqs = |ms: Vec<Message>| ms.iter().map(|m| m.seq).collect::<Vec<_>>();
+        let hits = store
+            .search_messages(None, "hello", 10)
+            .await
+            .expect("search");
+        assert_eq!(seqs(hits), vec![2, 1], "both old messages, newest first");
+        let hits = store
+            .search_messages(None, "before", 10)
+            .await
+            .expect("search");
+        assert_eq!(seqs(hits), vec![1]);
+
+        let (out, _) = store
+            .append_batch(&[NewMessage {
+                conversation_id: conv,
+                sender: Sender::Visitor(visitor),
+                text: "hello after".into(),
+                client_id: None,
+            }])
+            .await
+            .expect("append");
+        assert!(matches!(&out[0], Appended::Stored(m) if m.seq == 3));
+        let hits = store
+            .search_messages(None, "hello", 10)
+            .await
+            .expect("search");
+        assert_eq!(seqs(hits), vec![3, 2, 1]);
+        store.close().await;
     }
 }

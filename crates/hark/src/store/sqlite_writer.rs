@@ -241,7 +241,14 @@ fn append(conn: &mut Connection, batch: &[NewMessage]) -> StoreResult<AppendResu
                         site_id: parse(site, "site_id")?,
                         visitor_id: parse(visitor, "visitor_id")?,
                     };
-                    granted.insert(*conv, ((last as u64) - n, route));
+                    // `last` includes the `n` just added; anything else is a corrupt row.
+                    let base = u64::try_from(last)
+                        .ok()
+                        .and_then(|l| l.checked_sub(*n))
+                        .ok_or_else(|| {
+                            StoreError::Corrupt(format!("last_seq {last} below the {n} reserved"))
+                        })?;
+                    granted.insert(*conv, (base, route));
                 }
                 None => {
                     if exists.exists(params![conv.to_string()]).map_err(sql_err)? {

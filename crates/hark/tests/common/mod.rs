@@ -2,6 +2,10 @@
 //! WebSocket client speaking the wire protocol. Every wait has a deadline.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod nats;
+pub mod pg;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -158,6 +162,21 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 /// A protocol client over a real socket.
 pub struct Client {
     pub ws: Ws,
+    /// Whether presence frames (visitor lists and deltas, agent status, availability) are
+    /// returned; tests about other things skip them.
+    pub presence: bool,
+}
+
+/// Frames that belong to presence, skipped unless a client watches presence.
+pub fn is_presence(f: &ServerFrame) -> bool {
+    matches!(
+        f,
+        ServerFrame::VisitorList { .. }
+            | ServerFrame::Visitor { .. }
+            | ServerFrame::VisitorGone { .. }
+            | ServerFrame::AgentStatus { .. }
+            | ServerFrame::Availability { .. }
+    )
 }
 
 pub enum Upgrade {
@@ -174,7 +193,10 @@ pub async fn connect_raw(url: &str, headers: &[(&str, &str)]) -> Upgrade {
         );
     }
     match tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(req)).await {
-        Ok(Ok((ws, _))) => Upgrade::Ok(Box::new(Client { ws })),
+        Ok(Ok((ws, _))) => Upgrade::Ok(Box::new(Client {
+            ws,
+            presence: false,
+        })),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
             let body = resp
                 .body()
@@ -244,6 +266,9 @@ impl Client {
                         self.send(&ClientFrame::Pong).await;
                         continue;
                     }
+                    if !self.presence && is_presence(&f) {
+                        continue;
+                    }
                     return Some(f);
                 }
                 Message::Close(c) => panic!("closed: {c:?}"),
@@ -274,7 +299,9 @@ impl Client {
                 }
                 Ok(Some(Ok(Message::Text(t)))) => {
                     if let Ok(f) = serde_json::from_str::<ServerFrame>(t.as_str()) {
-                        frames.push(f);
+                        if self.presence || !is_presence(&f) {
+                            frames.push(f);
+                        }
                     }
                 }
                 Ok(Some(Ok(_))) => {}
@@ -297,6 +324,8 @@ impl Client {
                     seq: s,
                 })
                 .collect(),
+            page: None,
+            presence: Vec::new(),
         })
         .await;
         let welcome = self.next().await;
