@@ -405,6 +405,10 @@ struct Inner {
     /// Lock order: the agents lock may be taken before a site lock, never after.
     agents: Mutex<Agents>,
     replicator: std::sync::OnceLock<Arc<dyn Replicator>>,
+    /// Visitors whose grace period runs, in deadline order (the grace is the same for all), so
+    /// that a departure is announced when its grace ends rather than at the next sweep.
+    departures: Mutex<VecDeque<(Instant, SiteId, VisitorId)>>,
+    departures_added: tokio::sync::Notify,
     /// Cluster mode: when the presence link last ran (ms since `origin`; 0 = never).
     last_beat: AtomicU64,
     /// Cluster mode: the last moment before this node's latest stall (ms since `origin`).
@@ -456,6 +460,8 @@ impl Presence {
                 sites: Mutex::new(HashMap::new()),
                 agents: Mutex::new(Agents::default()),
                 replicator: std::sync::OnceLock::new(),
+                departures: Mutex::new(VecDeque::new()),
+                departures_added: tokio::sync::Notify::new(),
                 last_beat: AtomicU64::new(0),
                 stall_mark: AtomicU64::new(0),
             }),
@@ -714,10 +720,53 @@ impl Presence {
             // Already expired by the sweeper.
             return;
         }
-        if e.conns.is_empty() && !expired {
-            e.leaving_since = Some(Instant::now());
+        let grace = self.inner.config.grace;
+        if e.conns.is_empty() && !expired && !grace.is_zero() {
+            let now = Instant::now();
+            e.leaving_since = Some(now);
+            lock(&self.inner.departures).push_back((now + grace, site, visitor));
+            self.inner.departures_added.notify_one();
         }
-        self.settle(site, &mut g, visitor, GoneReason::Expired);
+        let reason = if expired {
+            GoneReason::Expired
+        } else {
+            GoneReason::Left
+        };
+        self.settle(site, &mut g, visitor, reason);
+    }
+
+    /// Announces the departures whose grace period is over.
+    fn depart_due(&self) {
+        let now = Instant::now();
+        let grace = self.inner.config.grace;
+        loop {
+            let due = {
+                let mut d = lock(&self.inner.departures);
+                match d.front() {
+                    Some((at, _, _)) if *at <= now => d.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((_, site, visitor)) = due else {
+                return;
+            };
+            let Some(view) = self.existing_site(site) else {
+                continue;
+            };
+            let mut g = lock(&view);
+            let Some(e) = g.visitors.get_mut(&visitor) else {
+                continue;
+            };
+            // Back meanwhile, or a later departure of the same visitor is queued behind.
+            let over = e
+                .leaving_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= grace);
+            if !e.conns.is_empty() || !over {
+                continue;
+            }
+            e.leaving_since = None;
+            self.settle(site, &mut g, visitor, GoneReason::Left);
+        }
     }
 
     /// After a visitor's holdings changed: removes the entry if nothing holds it any more,
@@ -1285,6 +1334,20 @@ impl Presence {
     /// Runs the sweeper until `shutdown`: expires silent leases, ends grace periods, sends the
     /// coalesced chat changes and turns idle agents away.
     pub fn spawn_sweeper(&self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        let departures = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let p = departures;
+            loop {
+                let next = lock(&p.inner.departures).front().map(|d| d.0);
+                let until = next.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = p.inner.departures_added.notified(), if next.is_none() => {}
+                    _ = tokio::time::sleep_until(until) => p.depart_due(),
+                }
+            }
+        });
         let presence = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(presence.inner.config.sweep_every);
