@@ -47,6 +47,9 @@ pub struct LoadParams {
     pub grace: f64,
     pub text_bytes: usize,
     pub connect_rate: f64,
+    /// Other nodes of the same cluster (address, Host header): clients are spread over the
+    /// target and these, round robin by client index.
+    pub also: Vec<(std::net::SocketAddr, String)>,
 }
 
 #[derive(Default)]
@@ -361,9 +364,18 @@ impl Client {
                 vec![(AUTHORIZATION, format!("Bearer {token}"))],
             ),
         };
+        // Round robin over the cluster's nodes (the target alone without --also-url).
+        let nodes = 1 + self.sh.params.also.len();
+        let (addr, host) = match self.idx % nodes {
+            0 => (self.sh.addr, self.sh.host.as_str()),
+            k => {
+                let (a, h) = &self.sh.params.also[k - 1];
+                (*a, h.as_str())
+            }
+        };
         let spec = ConnectSpec {
-            addr: self.sh.addr,
-            host: &self.sh.host,
+            addr,
+            host,
             path: &path,
             headers: &headers,
             source_ip: None,

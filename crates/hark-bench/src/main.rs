@@ -42,6 +42,10 @@ struct Cli {
     /// An existing server on loopback, e.g. http://127.0.0.1:8080.
     #[arg(long, value_name = "URL")]
     url: Option<String>,
+    /// Another node of the same cluster as --url (repeatable): visitors and agents are spread
+    /// over all the nodes round robin, so that messages cross nodes.
+    #[arg(long, value_name = "URL", requires = "url")]
+    also_url: Vec<String>,
     /// Admin login of the existing server (--url).
     #[arg(long)]
     admin_email: Option<String>,
@@ -354,6 +358,11 @@ async fn run(cli: Cli) -> Result<()> {
         )
         .await
     } else {
+        let also = cli
+            .also_url
+            .iter()
+            .map(|u| target::parse_loopback_url(u).map(|(_, addr, host)| (addr, host)))
+            .collect::<Result<Vec<_>>>()?;
         load::run(
             &mut target,
             LoadParams {
@@ -367,6 +376,7 @@ async fn run(cli: Cli) -> Result<()> {
                 grace: cli.grace,
                 text_bytes: cli.text_bytes,
                 connect_rate: cli.connect_rate,
+                also,
             },
         )
         .await
