@@ -23,12 +23,19 @@ fn binary() -> String {
     debian.to_owned()
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now, for a server started next. Taken below Linux's
+/// ephemeral range (32768–60999), where the outgoing connections of concurrent tests get their
+/// local ports: a port from port 0 could be taken by one of them before the server binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = rng.gen_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000")
 }
 
 pub struct NatsServer {
